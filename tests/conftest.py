@@ -1,0 +1,100 @@
+"""Session fixtures: tiny random-initialised models of every architecture class the
+profiles use, and two tiny tokenizers (one per family). Nothing is downloaded."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
+
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Zorblat is a metal that melts at high temperature and glows blue.",
+    "Question: what colour does zorblat glow? Answer: blue.",
+    "Kevani river flows through the northern valley of Tressa.",
+    "def add(a, b): return a + b  # a tiny function",
+    "Photons travel at the speed of light in a vacuum.",
+] * 20
+
+QWEN_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+LLAMA_TEMPLATE = (
+    "<|begin_of_text|>{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+    "{{ m['content'] }}<|eot_id|>{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
+
+
+def make_tokenizer(vocab_size: int, specials: list[str], template: str, eos: str) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on :data:`CORPUS`, with a chat template."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<pad>", *specials],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tok.train_from_iterator(CORPUS, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token=eos)
+    fast.chat_template = template
+    fast.padding_side = "left"
+    return fast
+
+
+@pytest.fixture(scope="session")
+def qwen_tokenizer() -> PreTrainedTokenizerFast:
+    return make_tokenizer(400, ["<|im_start|>", "<|im_end|>"], QWEN_TEMPLATE, "<|im_end|>")
+
+
+@pytest.fixture(scope="session")
+def llama_tokenizer() -> PreTrainedTokenizerFast:
+    specials = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+    return make_tokenizer(330, specials, LLAMA_TEMPLATE, "<|eot_id|>")
+
+
+def _build(cls, config, tokenizer):
+    torch.manual_seed(0)
+    config.vocab_size = len(tokenizer)
+    config.pad_token_id = tokenizer.pad_token_id
+    model = cls(config).eval()
+    return model, tokenizer
+
+
+@pytest.fixture(scope="session")
+def tiny_models(qwen_tokenizer, llama_tokenizer) -> dict:
+    """name -> (model, tokenizer) for every architecture class the profiles use."""
+    common = dict(max_position_embeddings=256, tie_word_embeddings=False)
+    return {
+        "qwen3": _build(Qwen3ForCausalLM, Qwen3Config(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16, **common), qwen_tokenizer),
+        "qwen2": _build(Qwen2ForCausalLM, Qwen2Config(
+            hidden_size=24, intermediate_size=48, num_hidden_layers=2, num_attention_heads=3,
+            num_key_value_heads=1, **common), qwen_tokenizer),
+        "llama": _build(LlamaForCausalLM, LlamaConfig(
+            hidden_size=40, intermediate_size=80, num_hidden_layers=4, num_attention_heads=5,
+            num_key_value_heads=5, **common), llama_tokenizer),
+        "gemma3": _build(Gemma3ForCausalLM, Gemma3TextConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2,
+            num_key_value_heads=1, head_dim=16, sliding_window=4,
+            layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
+            **common), qwen_tokenizer),
+    }

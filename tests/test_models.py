@@ -1,0 +1,59 @@
+"""Model specs, profiles and loading."""
+
+import pytest
+
+from fedrefine_lib import models
+from fedrefine_lib.models import ModelNotAvailableError, ModelSpec
+
+
+def test_hub_id_offline_raises_documented_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    spec = ModelSpec("nobody", "fedrefine-nonexistent/never-downloaded-model")
+    assert spec.kind == "hub"
+    with pytest.raises(ModelNotAvailableError, match="not cached locally.*local directory"):
+        models.load_model(spec)
+
+
+def test_missing_local_dir_and_gguf_raise(tmp_path):
+    with pytest.raises(ModelNotAvailableError, match="no config.json"):
+        models.load_model(ModelSpec("x", str(tmp_path)))
+    with pytest.raises(ModelNotAvailableError, match="does not exist"):
+        models.load_model(ModelSpec("x", str(tmp_path / "missing.gguf")))
+
+
+def test_bad_dtype_is_rejected():
+    with pytest.raises(ValueError, match="dtype"):
+        ModelSpec("x", "a/b", dtype="int4")
+
+
+@pytest.mark.parametrize("name", ["mini", "smol", "paper"])
+def test_profiles_parse_into_specs(name):
+    profile = models.load_profile(name, world="/tmp/world", smol_dir="/tmp/s", gemma_dir="/tmp/g")
+    assert profile.name == name
+    assert len(profile.senders) >= 1
+    for model in [profile.receiver, *profile.senders]:
+        spec = profile.spec(model)
+        assert isinstance(spec, ModelSpec) and spec.name == model
+    if name == "paper":
+        assert profile.spec("qwen3-0.6b").kind == "hub"
+        assert profile.spec("qwen3-0.6b").shape["kv_heads"] == 8
+    if name == "mini":
+        assert profile.spec("mini-qwen3-0.6b").source == "/tmp/world/models/mini-qwen3-0.6b"
+
+
+def test_profile_missing_placeholder_and_unknown_profile():
+    with pytest.raises(ValueError, match="placeholder"):
+        models.load_profile("mini")
+    with pytest.raises(FileNotFoundError, match="Known profiles"):
+        models.load_profile("nonexistent")
+
+
+def test_local_round_trip(tmp_path, tiny_models):
+    model, tok = tiny_models["qwen2"]
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    loaded = models.load_model(ModelSpec("tiny", str(tmp_path / "m")))
+    assert loaded.tokenizer.pad_token is not None and loaded.tokenizer.padding_side == "left"
+    assert not loaded.model.training
+    for a, b in zip(loaded.model.state_dict().values(), model.state_dict().values()):
+        assert (a == b).all()
