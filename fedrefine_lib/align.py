@@ -1,0 +1,363 @@
+"""Alignment between a receiver and a sender: which sender layer feeds each receiver
+layer (layer maps), and which sender token feeds each receiver prompt token (token
+aligners).
+
+Every model applies its *own* chat template to the *same* messages. Template and special
+tokens are never fused by the ``span`` and ``reencode`` aligners: their receiver positions
+map to ``-1`` ("no sender token"; the receiver keeps its own KV there). The ``identity``
+aligner (same tokenizer) lets the sender read the receiver's exact token sequence, so every
+position, template included, has a one-to-one partner and is fused.
+
+Shapes: a batch of ``B`` prompts gives receiver ids ``[B, T]`` and sender ids ``[B, S]``,
+both left padded, and ``sender_index`` ``[B, T]`` holding, per receiver position, the
+column of the sender token it fuses with (``-1`` for template tokens and padding).
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from fedrefine_lib.kv import KVCache
+
+Messages = list[dict[str, str]]
+"""One chat: ``[{"role": ..., "content": ...}, ...]``."""
+
+LAYER_MAPS = ("bottom_up", "top_down", "depth")
+
+
+# --------------------------------------------------------------------------- layers
+
+
+def layer_map(receiver_layers: int, sender_layers: int, kind: str = "top_down") -> list[int]:
+    """The sender layer that feeds each receiver layer.
+
+    Args:
+        receiver_layers: ``T``, the receiver's number of layers.
+        sender_layers: ``S``, the sender's number of layers.
+        kind: ``"bottom_up"`` (t -> min(t, S-1), the FedRefine paper's layer-by-layer from
+            the bottom), ``"top_down"`` (C2C's last-aligned: t -> clamp(t + S - T, 0, S-1)),
+            or ``"depth"`` (uniform relative depth: t -> round(t (S-1) / (T-1))).
+    Returns:
+        ``T`` sender layer indices.
+    """
+    T, S = receiver_layers, sender_layers
+    if T < 1 or S < 1:
+        raise ValueError(f"Layer counts must be positive, got receiver={T}, sender={S}.")
+    if kind == "bottom_up":
+        return [min(t, S - 1) for t in range(T)]
+    if kind == "top_down":
+        return [min(max(t + S - T, 0), S - 1) for t in range(T)]
+    if kind == "depth":
+        if T == 1:
+            return [S - 1]
+        return [int(round(t * (S - 1) / (T - 1))) for t in range(T)]
+    raise ValueError(f"Unknown layer map {kind!r}; use one of {LAYER_MAPS}.")
+
+
+# ------------------------------------------------------------------------ rendering
+
+
+@dataclass
+class Rendered:
+    """One prompt rendered with one tokenizer's chat template.
+
+    Attributes:
+        text: the rendered prompt string.
+        segments: per message (and the assistant prefix, if any), the ``(start, end)``
+            character span of its stripped content inside ``text``. Everything outside
+            the segments is template.
+        ids: token ids of ``text`` (no extra special tokens: the template carries its own).
+        offsets: per token, its ``(start, end)`` character span in ``text``.
+    """
+
+    text: str
+    segments: list[tuple[int, int]]
+    ids: list[int]
+    offsets: list[tuple[int, int]]
+
+
+def render(
+    tokenizer, messages: Messages, assistant_prefix: str | None = None, add_generation_prompt: bool = True
+) -> Rendered:
+    """Apply ``tokenizer``'s chat template to ``messages`` and tokenize the result.
+
+    Args:
+        assistant_prefix: text appended after the generation prompt (e.g. ``"The correct
+            answer is"``); part of the prompt, treated as content.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(
+            f"Tokenizer {type(tokenizer).__name__} has no chat template; set "
+            "`tokenizer.chat_template` (models.load_model does this for base models)."
+        )
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    contents = [m["content"] for m in messages]
+    if assistant_prefix:
+        text += assistant_prefix
+        contents.append(assistant_prefix)
+    segments, cursor = [], 0
+    for i, content in enumerate(contents):
+        needle = content.strip()
+        start = text.find(needle, cursor)
+        if start < 0:
+            raise ValueError(
+                f"Message {i} ({needle[:40]!r}...) does not appear verbatim in the text the chat "
+                "template rendered; the template rewrites content, which token alignment cannot follow."
+            )
+        segments.append((start, start + len(needle)))
+        cursor = start + len(needle)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    return Rendered(text, segments, list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]])
+
+
+def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token rows. Returns ids and mask, both ``[B, max_len]`` (long)."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for b, r in enumerate(rows):
+        if r:
+            ids[b, width - len(r) :] = torch.tensor(r, dtype=torch.long)
+            mask[b, width - len(r) :] = 1
+    return ids, mask
+
+
+def pad_id(tokenizer) -> int:
+    pid = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pid is None:
+        raise ValueError("Tokenizer has neither a pad nor an eos token; set `tokenizer.pad_token`.")
+    return pid
+
+
+def encode_prompts(
+    tokenizer, messages_batch: list[Messages], assistant_prefix: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Render and tokenize a batch of prompts with one model's template.
+
+    Returns:
+        ``input_ids`` and ``attention_mask``, ``[B, T]``, left padded.
+    """
+    rows = [render(tokenizer, m, assistant_prefix).ids for m in messages_batch]
+    return left_pad(rows, pad_id(tokenizer))
+
+
+# ------------------------------------------------------------------------- tokens
+
+
+@dataclass
+class Alignment:
+    """A batch aligned for fusion.
+
+    Attributes:
+        receiver_ids, receiver_mask: ``[B, T]`` receiver prompt, left padded.
+        sender_ids, sender_mask: ``[B, S]`` sender prompt, left padded.
+        sender_index: ``[B, T]`` long; column in ``sender_ids`` fused into each receiver
+            position, ``-1`` where the receiver keeps its own KV (template, padding).
+    """
+
+    receiver_ids: torch.Tensor
+    receiver_mask: torch.Tensor
+    sender_ids: torch.Tensor
+    sender_mask: torch.Tensor
+    sender_index: torch.Tensor
+
+
+class Aligner(Protocol):
+    name: str
+
+    def __call__(
+        self, messages_batch: list[Messages], receiver_tokenizer, sender_tokenizer, assistant_prefix: str | None = None
+    ) -> Alignment: ...
+
+
+def _batch(
+    receiver_rows: list[list[int]],
+    sender_rows: list[list[int]],
+    index_rows: list[list[int]],
+    receiver_tokenizer,
+    sender_tokenizer,
+) -> Alignment:
+    """Left-pad per-sample rows and shift sender indices into padded columns."""
+    r_ids, r_mask = left_pad(receiver_rows, pad_id(receiver_tokenizer))
+    s_ids, s_mask = left_pad(sender_rows, pad_id(sender_tokenizer))
+    index = torch.full(r_ids.shape, -1, dtype=torch.long)
+    for b, (r, s, idx) in enumerate(zip(receiver_rows, sender_rows, index_rows)):
+        shift = s_ids.shape[1] - len(s)
+        row = torch.tensor(idx, dtype=torch.long)
+        row = torch.where(row >= 0, row + shift, row)
+        index[b, r_ids.shape[1] - len(r) :] = row
+    return Alignment(r_ids, r_mask, s_ids, s_mask, index)
+
+
+def _content_position(rendered: Rendered, token: int) -> tuple[int, int] | None:
+    """``(segment, offset)`` of the token's last character within its content segment,
+    or None for template / special tokens."""
+    start, end = rendered.offsets[token]
+    if end <= start:
+        return None
+    last = end - 1
+    for k, (a, b) in enumerate(rendered.segments):
+        if a <= last < b:
+            return k, last - a
+    return None
+
+
+class IdentityAligner:
+    """Same tokenizer: the sender reads the receiver's exact tokens (receiver's template);
+    receiver position t fuses with sender position t, template tokens included."""
+
+    name = "identity"
+
+    def __call__(self, messages_batch, receiver_tokenizer, sender_tokenizer, assistant_prefix=None) -> Alignment:
+        if receiver_tokenizer.get_vocab() != sender_tokenizer.get_vocab():
+            raise ValueError(
+                "The identity aligner needs the same tokenizer on both sides; these vocabularies "
+                "differ. Use aligner='span' (or 'reencode')."
+            )
+        rows = [render(receiver_tokenizer, m, assistant_prefix).ids for m in messages_batch]
+        return _batch(rows, rows, [list(range(len(r))) for r in rows], receiver_tokenizer, sender_tokenizer)
+
+
+class SpanAligner:
+    """Different tokenizers, no information lost: the sender reads its own natural
+    tokenization of its own rendering; each receiver content token fuses with the sender
+    token whose character span covers the receiver token's last character."""
+
+    name = "span"
+
+    def __call__(self, messages_batch, receiver_tokenizer, sender_tokenizer, assistant_prefix=None) -> Alignment:
+        r_rows, s_rows, idx_rows = [], [], []
+        for messages in messages_batch:
+            r = render(receiver_tokenizer, messages, assistant_prefix)
+            s = render(sender_tokenizer, messages, assistant_prefix)
+            starts = [a for a, _ in s.offsets]
+            idx = []
+            for t in range(len(r.ids)):
+                pos = _content_position(r, t)
+                idx.append(-1 if pos is None else _covering_token(s, s.segments[pos[0]][0] + pos[1], starts))
+            r_rows.append(r.ids)
+            s_rows.append(s.ids)
+            idx_rows.append(idx)
+        return _batch(r_rows, s_rows, idx_rows, receiver_tokenizer, sender_tokenizer)
+
+
+def _covering_token(rendered: Rendered, char: int, starts: list[int]) -> int:
+    """Index of the last token whose span covers ``char`` (the one that completes it), else
+    the last token starting before it (a tokenizer that dropped the character)."""
+    j = bisect.bisect_right(starts, char) - 1
+    for t in range(j, -1, -1):
+        a, b = rendered.offsets[t]
+        if a <= char < b:
+            return t
+    return max(j, -1)
+
+
+class ReencodeAligner:
+    """The original C2C's lossy alignment: each receiver content token's text is
+    re-encoded with the sender tokenizer and one sender token is kept (the first, or the
+    longest with ``strategy="longest"``), so the sender reads one token per receiver token
+    instead of its natural tokenization. Template pieces are the sender's own template."""
+
+    name = "reencode"
+
+    def __init__(self, strategy: str = "first"):
+        if strategy not in ("first", "longest"):
+            raise ValueError(f"Unknown reencode strategy {strategy!r}; use 'first' or 'longest'.")
+        self.strategy = strategy
+
+    def _one(self, tokenizer, text: str) -> int | None:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if not ids:
+            return None
+        if self.strategy == "first":
+            return ids[0]
+        return max(ids, key=lambda i: len(tokenizer.decode([i])))
+
+    def __call__(self, messages_batch, receiver_tokenizer, sender_tokenizer, assistant_prefix=None) -> Alignment:
+        r_rows, s_rows, idx_rows = [], [], []
+        for messages in messages_batch:
+            r = render(receiver_tokenizer, messages, assistant_prefix)
+            s = render(sender_tokenizer, messages, assistant_prefix)
+            # Receiver content tokens per segment, as (receiver position, its in-segment text).
+            per_segment: list[list[tuple[int, str]]] = [[] for _ in r.segments]
+            for t in range(len(r.ids)):
+                pos = _content_position(r, t)
+                if pos is not None:
+                    a, b = r.offsets[t]
+                    seg_start = r.segments[pos[0]][0]
+                    per_segment[pos[0]].append((t, r.text[max(a, seg_start) : b]))
+            s_ids: list[int] = []
+            idx = [-1] * len(r.ids)
+            cursor = 0
+            for k, (a, b) in enumerate(s.segments):
+                s_ids += _plain_ids(sender_tokenizer, s.text[cursor:a])
+                for t, piece in per_segment[k]:
+                    one = self._one(sender_tokenizer, piece)
+                    if one is not None:
+                        idx[t] = len(s_ids)
+                        s_ids.append(one)
+                cursor = b
+            s_ids += _plain_ids(sender_tokenizer, s.text[cursor:])
+            r_rows.append(r.ids)
+            s_rows.append(s_ids)
+            idx_rows.append(idx)
+        return _batch(r_rows, s_rows, idx_rows, receiver_tokenizer, sender_tokenizer)
+
+
+def _plain_ids(tokenizer, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
+
+
+ALIGNERS = {"identity": IdentityAligner, "span": SpanAligner, "reencode": ReencodeAligner}
+
+
+def get_aligner(aligner: str | Aligner | None, receiver_tokenizer=None, sender_tokenizer=None) -> Aligner:
+    """An aligner by name; ``None`` picks ``identity`` for the same tokenizer, else ``span``."""
+    if aligner is None:
+        same = receiver_tokenizer is not None and sender_tokenizer is not None and (
+            receiver_tokenizer.get_vocab() == sender_tokenizer.get_vocab()
+        )
+        aligner = "identity" if same else "span"
+    if isinstance(aligner, str):
+        if aligner not in ALIGNERS:
+            raise ValueError(f"Unknown token aligner {aligner!r}; use one of {sorted(ALIGNERS)}.")
+        return ALIGNERS[aligner]()
+    return aligner
+
+
+# ------------------------------------------------------------------------- caches
+
+
+def align_cache(sender: KVCache, sender_index: torch.Tensor, layers: list[int]) -> tuple[KVCache, torch.Tensor]:
+    """Gather the sender's KV at each receiver position, for each receiver layer.
+
+    Args:
+        sender: full (every position) sender cache, ``[B, Hs, S, Ds]`` per sender layer.
+        sender_index: ``[B, N]`` sender column per receiver position, ``-1`` for none.
+        layers: the layer map, one sender layer per receiver layer.
+    Returns:
+        a cache with one entry per receiver layer, ``[B, Hs, N, Ds]`` (zeros where the
+        index is -1), and ``fuse_mask`` ``[B, N]`` bool, True where a sender token exists.
+    """
+    for layer in set(layers):
+        if sender.keys[layer].shape[2] != sender.seq_len:
+            raise ValueError(
+                f"Sender layer {layer} holds {sender.keys[layer].shape[2]} positions but the prompt "
+                f"has {sender.seq_len}: fusion needs every position (prefill without a sliding-window cache)."
+            )
+    fuse_mask = sender_index >= 0
+    index = sender_index.clamp(min=0).to(sender.keys[0].device)
+
+    def gather(t: torch.Tensor) -> torch.Tensor:  # [B, H, S, D] -> [B, H, N, D]
+        B, H, _, D = t.shape
+        idx = index[:, None, :, None].expand(B, H, index.shape[1], D)
+        out = t.gather(2, idx)
+        return out * fuse_mask[:, None, :, None].to(out.dtype).to(out.device)
+
+    keys = [gather(sender.keys[l]) for l in layers]
+    values = [gather(sender.values[l]) for l in layers]
+    return KVCache(keys, values, seq_len=index.shape[1]), fuse_mask

@@ -1,0 +1,104 @@
+"""Metrics files written by every notebook.
+
+Schema (one JSON object per notebook, keys sorted, stable across runs with the same seed):
+
+    {
+      "notebook": "01_c2c", "profile": "mini", "seed": 0,
+      "library_version": "0.1.0",
+      "parameters": {...},                 # the notebook's papermill parameters
+      "<metric groups>": {...},            # accuracies as {"value", "n", "ci95": [lo, hi]}
+      "timings": {"<stage>": seconds, ...} # wall times; the only keys that vary run to run
+    }
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, is_dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from . import __version__
+
+TIMING_KEYS = ("timings",)
+"""Top-level keys holding wall-clock numbers (excluded when comparing two runs)."""
+
+
+def to_jsonable(value: Any) -> Any:
+    """Accuracy-like objects become ``{"value", "n", "ci95"}``; tensors and numpy become lists."""
+    if hasattr(value, "ci_low") and hasattr(value, "value") and hasattr(value, "n"):
+        return {"value": _num(value.value), "n": int(value.n), "ci95": [_num(value.ci_low), _num(value.ci_high)]}
+    if is_dataclass(value) and not isinstance(value, type):
+        return to_jsonable(asdict(value))
+    if isinstance(value, dict):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_jsonable(v) for v in value]
+    if hasattr(value, "tolist"):
+        return to_jsonable(value.tolist())
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, float):
+        return _num(value)
+    return value
+
+
+def _num(x: float) -> float | None:
+    x = float(x)
+    return None if math.isnan(x) else round(x, 6)
+
+
+class RunRecord:
+    """Collects one notebook's metrics and stage timings, then writes the JSON file."""
+
+    def __init__(self, notebook: str, profile: str, seed: int, parameters: dict[str, Any]):
+        self.data: dict[str, Any] = {
+            "notebook": notebook,
+            "profile": profile,
+            "seed": seed,
+            "library_version": __version__,
+            "parameters": to_jsonable(parameters),
+            "timings": {},
+        }
+        self._start = time.perf_counter()
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        """Time a block; its wall time goes to ``timings[name]`` (accumulating)."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            timings = self.data["timings"]
+            timings[name] = round(timings.get(name, 0.0) + time.perf_counter() - t0, 3)
+
+    def put(self, key: str, value: Any) -> Any:
+        """Set a dotted key, e.g. ``put("accuracy.c2c", acc)``; returns ``value``."""
+        node = self.data
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = to_jsonable(value)
+        return value
+
+    def get(self, key: str) -> Any:
+        node = self.data
+        for p in key.split("."):
+            node = node[p]
+        return node
+
+    def save(self, path: str | Path) -> Path:
+        """Write the metrics (with total wall time) as sorted, indented JSON."""
+        self.data["timings"]["total"] = round(time.perf_counter() - self._start, 3)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.data, indent=2, sort_keys=True) + "\n")
+        return path
+
+
+def without_timings(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The part of a metrics file that must be identical across runs with the same seed."""
+    return {k: v for k, v in metrics.items() if k not in TIMING_KEYS}

