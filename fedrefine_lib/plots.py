@@ -1,0 +1,101 @@
+"""Seaborn figures for every result. Each function draws one figure, saves it as PNG when
+given a path, and returns the matplotlib ``Figure``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import matplotlib.pyplot as plt
+import pandas as pd
+import seaborn as sns
+
+sns.set_theme(style="whitegrid", context="notebook")
+
+
+def _finish(fig, path: str | Path | None):
+    fig.tight_layout()
+    if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=120)
+    return fig
+
+
+def _record(acc) -> tuple[float, float, float]:
+    """(value, ci_low, ci_high) from an accuracy record (dict from a metrics file or object)."""
+    if isinstance(acc, Mapping):
+        lo, hi = acc["ci95"]
+        return acc["value"], lo, hi
+    return acc.value, acc.ci_low, acc.ci_high
+
+
+def accuracy_bars(
+    accuracies: Mapping[str, object],
+    title: str = "",
+    path: str | Path | None = None,
+    chance: float | None = 0.25,
+    hue: Mapping[str, str] | None = None,
+):
+    """Bar per named accuracy with its 95 % CI as an error bar."""
+    names = list(accuracies)
+    vals = [_record(accuracies[n]) for n in names]
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.1 * len(names) + 1), 3.6))
+    colors = sns.color_palette("deep", len(set(hue.values())) if hue else len(names))
+    palette = {g: colors[i] for i, g in enumerate(dict.fromkeys(hue.values()))} if hue else None
+    for i, (name, (v, lo, hi)) in enumerate(zip(names, vals)):
+        color = palette[hue[name]] if palette else colors[i]
+        ax.bar(i, v, color=color, yerr=[[v - lo], [hi - v]], capsize=4)
+        ax.text(i, min(hi + 0.02, 1.02), f"{v:.0%}", ha="center", va="bottom", fontsize=9)
+    if chance is not None:
+        ax.axhline(chance, ls="--", color="grey", lw=1, label="chance")
+        ax.legend(loc="lower right", fontsize=8)
+    ax.set_xticks(range(len(names)), names, rotation=20, ha="right")
+    ax.set_ylim(0, 1.1)
+    ax.set_ylabel("accuracy (95 % CI)")
+    ax.set_title(title)
+    return _finish(fig, path)
+
+
+def heatmap(table: pd.DataFrame, title: str = "", path: str | Path | None = None, fmt: str = ".0%",
+            cmap: str = "viridis", vmin: float | None = 0.0, vmax: float | None = 1.0):
+    """An annotated heatmap of a 2-D table (rows x columns)."""
+    fig, ax = plt.subplots(figsize=(1.2 * table.shape[1] + 3, 0.55 * table.shape[0] + 1.6))
+    sns.heatmap(table.astype(float), annot=True, fmt=fmt, cmap=cmap, vmin=vmin, vmax=vmax, ax=ax, cbar=False)
+    ax.set_title(title)
+    return _finish(fig, path)
+
+
+def curve(values: Sequence[float], title: str = "", xlabel: str = "step", ylabel: str = "loss",
+          path: str | Path | None = None, smooth: int = 1, label: str | None = None):
+    """A training curve (optionally a running mean over ``smooth`` points)."""
+    s = pd.Series(values, dtype=float)
+    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    ax.plot(s.index, s, alpha=0.35 if smooth > 1 else 1.0, label=label)
+    if smooth > 1:
+        ax.plot(s.index, s.rolling(smooth, min_periods=1).mean(), label=f"running mean ({smooth})")
+        ax.legend(fontsize=8)
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    return _finish(fig, path)
+
+
+def per_layer(values: Mapping[str, Sequence[float]], title: str = "", ylabel: str = "gate",
+              path: str | Path | None = None):
+    """One line per series over receiver layers (e.g. K and V gates)."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    for name, ys in values.items():
+        ax.plot(range(len(ys)), ys, marker="o", label=name)
+    ax.set(xlabel="receiver layer", ylabel=ylabel, title=title)
+    ax.legend(fontsize=8)
+    return _finish(fig, path)
+
+
+def grouped_bars(frame: pd.DataFrame, x: str, y: str, hue: str, title: str = "",
+                 path: str | Path | None = None, ylabel: str | None = None, log: bool = False):
+    """Grouped bars from a long-form table."""
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.9 * frame[x].nunique() * frame[hue].nunique() + 2), 3.6))
+    sns.barplot(frame, x=x, y=y, hue=hue, ax=ax)
+    if log:
+        ax.set_yscale("log")
+    ax.set(title=title, ylabel=ylabel or y)
+    ax.tick_params(axis="x", rotation=15)
+    return _finish(fig, path)

@@ -1,0 +1,47 @@
+"""Fuser hub: round trip, reuse while the recipe is unchanged, clear error for a missing pair."""
+
+import pytest
+import torch
+
+from fedrefine_lib.hub import FuserHub, MissingFuserError
+from fedrefine_lib.models import LoadedModel
+from fedrefine_lib.train import TrainConfig
+
+RECORDS = [
+    [{"role": "user", "content": f"What colour does zorblat {i} glow?"}, {"role": "assistant", "content": "blue"}]
+    for i in range(6)
+]
+
+
+@pytest.fixture()
+def pair(tiny_models):
+    (r, rt), (s, st) = tiny_models["qwen3"], tiny_models["llama"]
+    return LoadedModel("tiny-qwen3", r, rt), LoadedModel("tiny-llama", s, st)
+
+
+def test_hub_round_trip_and_reuse(tmp_path, pair):
+    receiver, sender = pair
+    hub = FuserHub(tmp_path / "hub")
+    cfg = TrainConfig(lr=1e-2, max_steps=2, batch_size=3, progress=False)
+    fuser, record = hub.get_or_train(receiver, sender, RECORDS, train_config=cfg, hidden=16)
+    assert record["steps"] == 2 and len(record["losses"]) == 2
+    loaded = hub.get(sender, receiver)  # strict load, checked against the models
+    for (k, a), b in zip(fuser.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), k
+    row = hub.summary().iloc[0]
+    assert (row.sender, row.receiver, row.aligner) == ("tiny-llama", "tiny-qwen3", "span")
+    assert row.parameters == fuser.num_parameters()
+
+    # Same recipe: nothing retrained. Changed recipe: retrained (and reported by train_missing).
+    load = {"tiny-qwen3": receiver, "tiny-llama": sender}.get
+    assert hub.train_missing(load, [("tiny-llama", "tiny-qwen3")], RECORDS, train_config=cfg, hidden=16) == []
+    trained = hub.train_missing(load, [("tiny-llama", "tiny-qwen3")], RECORDS, train_config=cfg, hidden=8)
+    assert trained == ["tiny-llama->tiny-qwen3/default"]
+    assert hub.get(sender, receiver).config.hidden == 8
+
+
+def test_missing_pair_error_names_it(tmp_path, pair):
+    receiver, sender = pair
+    hub = FuserHub(tmp_path / "hub")
+    with pytest.raises(MissingFuserError, match="tiny-qwen3->tiny-llama.*train_missing"):
+        hub.get(receiver, sender)
