@@ -40,7 +40,7 @@ def layer_map(receiver_layers: int, sender_layers: int, kind: str = "top_down") 
         sender_layers: ``S``, the sender's number of layers.
         kind: ``"bottom_up"`` (t -> min(t, S-1), the FedRefine paper's layer-by-layer from
             the bottom), ``"top_down"`` (C2C's last-aligned: t -> clamp(t + S - T, 0, S-1)),
-            or ``"depth"`` (uniform relative depth: t -> round(t (S-1) / (T-1))).
+            or ``"depth"`` (uniform relative depth: t -> floor(t (S-1) / (T-1) + 1/2)).
     Returns:
         ``T`` sender layer indices.
     """
@@ -54,7 +54,7 @@ def layer_map(receiver_layers: int, sender_layers: int, kind: str = "top_down") 
     if kind == "depth":
         if T == 1:
             return [S - 1]
-        return [int(round(t * (S - 1) / (T - 1))) for t in range(T)]
+        return [int(t * (S - 1) / (T - 1) + 0.5) for t in range(T)]  # round half up
     raise ValueError(f"Unknown layer map {kind!r}; use one of {LAYER_MAPS}.")
 
 
@@ -212,12 +212,17 @@ class IdentityAligner:
 
     name = "identity"
 
+    def __init__(self) -> None:
+        self._checked: set[tuple[int, int]] = set()  # tokenizer pairs already compared
+
     def __call__(self, messages_batch, receiver_tokenizer, sender_tokenizer, assistant_prefix=None) -> Alignment:
-        if receiver_tokenizer.get_vocab() != sender_tokenizer.get_vocab():
+        pair = (id(receiver_tokenizer), id(sender_tokenizer))
+        if pair not in self._checked and receiver_tokenizer.get_vocab() != sender_tokenizer.get_vocab():
             raise ValueError(
                 "The identity aligner needs the same tokenizer on both sides; these vocabularies "
                 "differ. Use aligner='span' (or 'reencode')."
             )
+        self._checked.add(pair)
         rows = [render(receiver_tokenizer, m, assistant_prefix).ids for m in messages_batch]
         return _batch(rows, rows, [list(range(len(r))) for r in rows], receiver_tokenizer, sender_tokenizer)
 

@@ -33,8 +33,8 @@ class Trace:
     """What one call cost.
 
     Attributes:
-        seconds: per stage (``sender_prefill``, ``projection``, ``receiver_prefill``,
-            ``decode``, ...), wall-clock seconds.
+        seconds: per stage (``tokenize`` or ``alignment``, ``sender_prefill``,
+            ``receiver_prefill``, ``projection``, ``decode``, ...), wall-clock seconds.
         bytes: per link (``"sender->receiver"``), bytes the transmitted caches take on the wire.
         tokens: counts (``prompt``, ``sender_prompt``, ``generated``), real tokens only.
     """
@@ -148,7 +148,8 @@ class Standalone:
 
     def prefill(self, messages_batch: list[Messages], assistant_prefix: str | None = None) -> Prefill:
         trace = Trace()
-        ids, mask = encode_prompts(self.receiver.tokenizer, messages_batch, assistant_prefix)
+        with trace.time("tokenize"):
+            ids, mask = encode_prompts(self.receiver.tokenizer, messages_batch, assistant_prefix)
         dev = _device(self.receiver.model)
         ids, mask = ids.to(dev), mask.to(dev)
         cache = receiver_prefill(self.receiver, ids, mask, trace)
@@ -230,7 +231,8 @@ class C2C:
     def prompt_caches(self, messages_batch: list[Messages], assistant_prefix: str | None = None) -> PromptCaches:
         """Align, then prefill sender and receiver (no gradients)."""
         trace = Trace()
-        alignment = self.aligner(messages_batch, self.receiver.tokenizer, self.sender.tokenizer, assistant_prefix)
+        with trace.time("alignment"):  # both tokenizations and the token map
+            alignment = self.aligner(messages_batch, self.receiver.tokenizer, self.sender.tokenizer, assistant_prefix)
         dev = _device(self.receiver.model)
         alignment.receiver_ids, alignment.receiver_mask = alignment.receiver_ids.to(dev), alignment.receiver_mask.to(dev)
         sender_cache = sender_prefill(self.sender, alignment, trace, self.wire_dtype, self.link)

@@ -10,7 +10,7 @@ keys and values::
     K_out = K_r + g_K * sigmoid(w_K) * P_K
 
 FFN block: ``x + Dropout(W2 GELU(W1 RMSNorm(x)))``. The gate ``g`` is one learnable logit
-per layer and per K/V, initialised at 0: in training ``sigmoid((l + noise) / tau)`` with
+per layer and per K/V, initialised at ``gate_init`` (0 as in the reference): in training ``sigmoid((l + noise) / tau)`` with
 logistic noise (the difference of two Gumbels, i.e. the binary Gumbel-softmax) and ``tau``
 annealed by the trainer; at inference the hard gate ``1[l > threshold]``, or an override
 set with :meth:`C2CFuser.set_gates`. The zero-initialised projection makes a fresh fuser
@@ -88,8 +88,11 @@ class FuserConfig:
         aligner: token aligner the fuser was trained with.
         hidden: width of the fuser MLPs (1024 in the paper; small for CPU).
         depth: FFN blocks in the shared trunk (each branch adds one more).
-        ffn_mult: FFN inner width = ``ffn_mult * hidden``.
+        ffn_mult: FFN inner width = ``ffn_mult * hidden`` (1: hidden 1024 gives the
+            reference's ~0.5 B parameters for Qwen3-0.6B <- Qwen2.5-0.5B).
         dropout: dropout inside FFN blocks (training only).
+        gate_init: initial gate logit (reference: 0, a fair coin under Gumbel noise and a
+            closed hard gate; a positive value starts with the gates mostly open).
     """
 
     receiver_name: str
@@ -107,8 +110,9 @@ class FuserConfig:
     aligner: str = "identity"
     hidden: int = 128
     depth: int = 1
-    ffn_mult: int = 2
+    ffn_mult: int = 1
     dropout: float = 0.0
+    gate_init: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.layer_map:
@@ -128,7 +132,7 @@ class FuserConfig:
         Args:
             layer_map: a kind from :func:`align.layer_map` or an explicit list.
             aligner: token aligner name; default identity for the same tokenizer, else span.
-            sizes: ``hidden``, ``depth``, ``ffn_mult``, ``dropout``.
+            sizes: ``hidden``, ``depth``, ``ffn_mult``, ``dropout``, ``gate_init``.
         """
         from fedrefine_lib.align import get_aligner
 
@@ -203,7 +207,7 @@ class C2CFuser(nn.Module):
         args = (sender_dim, c.receiver_kv_heads, c.receiver_head_dim, c.hidden, c.depth, c.ffn_mult, c.dropout)
         self.key_projectors = nn.ModuleList(Projector(*args) for _ in range(c.receiver_layers))
         self.value_projectors = nn.ModuleList(Projector(*args) for _ in range(c.receiver_layers))
-        self.gate_logits = nn.Parameter(torch.zeros(c.receiver_layers, 2))
+        self.gate_logits = nn.Parameter(torch.full((c.receiver_layers, 2), float(c.gate_init)))
         self.temperature = 1.0
         self.gate_threshold = 0.0
         self._gate_override: torch.Tensor | None = None

@@ -19,6 +19,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import torch
+
 from .fuser import C2CFuser, FuserConfig
 from .train import Record, TrainConfig, TrainResult, train_fuser
 
@@ -138,6 +140,7 @@ class FuserHub:
         config = FuserConfig.for_pair(receiver, sender, **fuser_options)
         wanted = recipe(config, train_config, records_hash(records))
         if not self.has(sender.name, receiver.name, variant, wanted):
+            torch.manual_seed(train_config.seed)  # the fuser's initial weights are part of the recipe
             fuser = C2CFuser(config)
             result = train_fuser(receiver, sender, fuser, records, replace(train_config, loss_curve_path=None),
                                  aligner=config.aligner)

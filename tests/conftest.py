@@ -23,6 +23,11 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
+from fedrefine_lib.models import LoadedModel
+
+# One thread: deterministic, and fair to other jobs on a 2-core machine.
+torch.set_num_threads(1)
+
 CORPUS = [
     "The quick brown fox jumps over the lazy dog.",
     "Zorblat is a metal that melts at high temperature and glows blue.",
@@ -98,3 +103,9 @@ def tiny_models(qwen_tokenizer, llama_tokenizer) -> dict:
             layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
             **common), qwen_tokenizer),
     }
+
+
+@pytest.fixture(scope="session")
+def loaded_models(tiny_models) -> dict[str, LoadedModel]:
+    """name -> LoadedModel wrapping :func:`tiny_models` (named by architecture)."""
+    return {name: LoadedModel(name, m, t) for name, (m, t) in tiny_models.items()}

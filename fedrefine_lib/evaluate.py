@@ -1,0 +1,261 @@
+"""Multiple-choice scoring with any engine (receiver alone or fused caches), and accuracy
+with a 95 % Wilson confidence interval.
+
+Items follow the OpenBookQA schema: ``id``, ``question_stem``, ``choices{text, label}``,
+``answerKey`` (plus optional ``domain``). Methods:
+
+- ``"loglik"`` (the ``mini`` world's default, lm-evaluation-harness style): the sum of the
+  log-probabilities of each option's text (tokenized on its own) after the question's
+  prompt (``data.mcq_messages``); the prompt cache is built once per question and reused
+  for its options.
+- ``"letter"``: logits of the option letters after a reference-style prompt (the same
+  turn asking for the letter) whose assistant turn starts "The correct answer is".
+- ``"generate"``: greedy generation after that prompt, then answer extraction.
+
+Every item is counted: an unparseable answer is recorded (``prediction=None``) and wrong.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from fedrefine_lib import data
+from fedrefine_lib.federation import Prefill, Standalone, Trace, continue_prefill, generate
+
+METHODS = ("loglik", "letter", "generate")
+LETTER_PREFIX = "The correct answer is"
+LETTER_INSTRUCTION = "Answer with the letter of the correct option."
+
+
+# ------------------------------------------------------------------------ accuracy
+
+
+@dataclass(frozen=True)
+class Accuracy:
+    """An accuracy with its 95 % Wilson score interval."""
+
+    value: float
+    n: int
+    ci_low: float
+    ci_high: float
+
+    def __str__(self) -> str:
+        return f"{100 * self.value:.1f}% [{100 * self.ci_low:.1f}, {100 * self.ci_high:.1f}] (n={self.n})"
+
+
+def accuracy(correct: Sequence[bool], z: float = 1.959964) -> Accuracy:
+    """Fraction of True in ``correct`` with its Wilson interval (``nan`` value for n=0)."""
+    n = len(correct)
+    if n == 0:
+        return Accuracy(float("nan"), 0, 0.0, 1.0)
+    p = sum(bool(c) for c in correct) / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return Accuracy(p, n, max(0.0, centre - half), min(1.0, centre + half))
+
+
+@dataclass
+class McqResult:
+    """Per-item outcome of :func:`score_mcq` (parallel lists, one entry per item).
+
+    Attributes:
+        predictions: predicted label, or None when the answer could not be parsed.
+        scores: per option (item's label order): summed log-prob (loglik) or letter logit;
+            empty for ``generate``.
+        outputs: generated text (``generate``), else None.
+    """
+
+    method: str
+    ids: list[str] = field(default_factory=list)
+    answers: list[str] = field(default_factory=list)
+    predictions: list[str | None] = field(default_factory=list)
+    correct: list[bool] = field(default_factory=list)
+    scores: list[list[float]] = field(default_factory=list)
+    outputs: list[str | None] = field(default_factory=list)
+    domains: list[str | None] = field(default_factory=list)
+    trace: Trace = field(default_factory=Trace)
+
+    def accuracy(self) -> Accuracy:
+        return accuracy(self.correct)
+
+    def accuracy_by(self, key: str = "domain") -> dict[str, Accuracy]:
+        """Accuracy per value of ``domains`` (the only grouping recorded)."""
+        if key != "domain":
+            raise ValueError("Only 'domain' grouping is recorded.")
+        groups: dict[str, list[bool]] = {}
+        for d, c in zip(self.domains, self.correct):
+            groups.setdefault(str(d), []).append(c)
+        return {d: accuracy(c) for d, c in sorted(groups.items())}
+
+    @property
+    def unparseable(self) -> int:
+        """Items whose answer could not be parsed (counted as wrong)."""
+        return sum(p is None for p in self.predictions)
+
+    def records(self) -> list[dict[str, Any]]:
+        """One JSON-ready dict per item."""
+        return [
+            {"id": i, "answer": a, "prediction": p, "correct": c, "scores": s, "output": o, "domain": d}
+            for i, a, p, c, s, o, d in zip(
+                self.ids, self.answers, self.predictions, self.correct,
+                self.scores or [[]] * len(self.ids), self.outputs, self.domains,
+            )
+        ]
+
+
+# ------------------------------------------------------------------------- prompts
+
+
+def question_messages(item: dict, context: str | None = None) -> list[dict[str, str]]:
+    """The log-likelihood prompt: the question with its options (``data.mcq_messages``)."""
+    return data.mcq_messages(item, context)
+
+
+def letter_messages(item: dict, context: str | None = None) -> list[dict[str, str]]:
+    """The reference-style prompt: the same turn, asking for the option's letter."""
+    messages = data.mcq_messages(item, context)
+    content = messages[-1]["content"]
+    if data.MCQ_INSTRUCTION not in content:
+        raise ValueError("data.mcq_messages no longer ends with data.MCQ_INSTRUCTION; update letter_messages.")
+    messages[-1] = {**messages[-1], "content": content.replace(data.MCQ_INSTRUCTION, LETTER_INSTRUCTION)}
+    return messages
+
+
+def extract_answer(text: str, labels: Sequence[str], options: Sequence[str]) -> str | None:
+    """The label a generated answer names, or None.
+
+    Tries, in order: "answer is X" / a leading "X" / "(X)" / a lone label; then exactly one
+    option text appearing in the answer.
+    """
+    alt = "|".join(re.escape(l) for l in labels)
+    for pattern in (rf"answer is:?\s*\(?({alt})\b", rf"^\s*\(?({alt})\b[\).:]?", rf"\(({alt})\)", rf"\b({alt})\b"):
+        m = re.search(pattern, text)
+        if m:
+            return m.group(1)
+    hits = [l for l, o in zip(labels, options) if o and o.lower() in text.lower()]
+    return hits[0] if len(hits) == 1 else None
+
+
+# ------------------------------------------------------------------------- scoring
+
+
+def _engine(engine_or_model):
+    if hasattr(engine_or_model, "prefill"):
+        return engine_or_model
+    if hasattr(engine_or_model, "model") and hasattr(engine_or_model, "tokenizer"):
+        return Standalone(engine_or_model)
+    raise TypeError(
+        f"score_mcq needs an engine (federation.Standalone, federation.C2C, ...) or a LoadedModel, "
+        f"got {type(engine_or_model).__name__}."
+    )
+
+
+def continuation_logliks(
+    engine, messages_batch: list[list[dict[str, str]]], continuations: list[list[str]], assistant_prefix: str | None = None
+) -> tuple[list[list[float]], Trace]:
+    """Summed log-probability of each continuation text after each prompt.
+
+    The prompt cache is built once per prompt and repeated for its continuations
+    (``Prefill.select``); each continuation is tokenized on its own.
+
+    Args:
+        messages_batch: ``B`` prompts.
+        continuations: per prompt, its candidate texts.
+    Returns:
+        per prompt, per continuation, the summed log-prob; and the prefill trace.
+    """
+    model, tok = engine.receiver.model, engine.receiver.tokenizer
+    pre: Prefill = engine.prefill(messages_batch, assistant_prefix)
+    rows = [b for b, conts in enumerate(continuations) for _ in conts]
+    token_rows = [tok(text, add_special_tokens=False)["input_ids"] for conts in continuations for text in conts]
+    if any(len(t) == 0 for t in token_rows):
+        raise ValueError("An option text tokenizes to nothing; give every option some text.")
+    width = max(len(t) for t in token_rows)
+    cont = torch.zeros(len(token_rows), width, dtype=torch.long)
+    cmask = torch.zeros_like(cont)
+    for r, t in enumerate(token_rows):
+        cont[r, : len(t)] = torch.tensor(t)
+        cmask[r, : len(t)] = 1
+    dev = pre.input_ids.device
+    cont, cmask = cont.to(dev), cmask.to(dev)
+    logits = continue_prefill(model, pre.select(rows), cont, cmask)[:, :-1]  # [R, L, V]
+    logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, cont[..., None]).squeeze(-1)
+    totals = (logp * cmask).sum(-1).tolist()
+    out, i = [], 0
+    for conts in continuations:
+        out.append(totals[i : i + len(conts)])
+        i += len(conts)
+    return out, pre.trace
+
+
+def _letter_token_ids(tok, label: str) -> list[int]:
+    """First token of " X" and of "X"."""
+    ids = []
+    for text in (" " + label, label):
+        enc = tok(text, add_special_tokens=False)["input_ids"]
+        if enc:
+            ids.append(enc[0])
+    return ids
+
+
+@torch.no_grad()
+def score_mcq(
+    engine_or_loadedmodel, items: Sequence[dict], *, method: str = "loglik", batch_size: int = 8,
+    max_new_tokens: int = 16, progress: bool = True,
+) -> McqResult:
+    """Score multiple-choice ``items`` with an engine (or a ``LoadedModel`` = receiver alone).
+
+    Args:
+        method: ``"loglik"``, ``"letter"`` or ``"generate"`` (see the module docstring).
+        batch_size: questions per forward pass (``loglik`` runs ``batch_size x options`` rows).
+        max_new_tokens: generation budget for ``"generate"``.
+    Returns:
+        a :class:`McqResult` with every item, in order.
+    """
+    if method not in METHODS:
+        raise ValueError(f"Unknown MCQ method {method!r}; use one of {METHODS}.")
+    engine = _engine(engine_or_loadedmodel)
+    tok = engine.receiver.tokenizer
+    result = McqResult(method)
+    batches = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
+    for batch in tqdm(batches, desc=f"MCQ ({method})", disable=not progress):
+        labels = [list(it["choices"]["label"]) for it in batch]
+        texts = [list(it["choices"]["text"]) for it in batch]
+        outputs: list[str | None] = [None] * len(batch)
+        if method == "loglik":
+            scores, trace = continuation_logliks(engine, [question_messages(it) for it in batch], texts)
+            preds = [_argmax_label(l, s) for l, s in zip(labels, scores)]
+        elif method == "letter":
+            pre = engine.prefill([letter_messages(it) for it in batch], LETTER_PREFIX)
+            trace = pre.trace
+            last = continue_prefill(engine.receiver.model, pre)[:, -1].float()  # [B, V]
+            scores = [[max(last[b, i].item() for i in _letter_token_ids(tok, l)) for l in ls] for b, ls in enumerate(labels)]
+            preds = [_argmax_label(l, s) for l, s in zip(labels, scores)]
+        else:
+            outputs, trace = generate(engine, [letter_messages(it) for it in batch], max_new_tokens, LETTER_PREFIX)
+            scores = [[] for _ in batch]
+            preds = [extract_answer(o, l, t) for o, l, t in zip(outputs, labels, texts)]
+        result.trace.add(trace)
+        for it, p, s, o in zip(batch, preds, scores, outputs):
+            result.ids.append(str(it.get("id", len(result.ids))))
+            result.answers.append(it["answerKey"])
+            result.predictions.append(p)
+            result.correct.append(p is not None and p == it["answerKey"])
+            result.scores.append(s)
+            result.outputs.append(o)
+            result.domains.append(it.get("domain"))
+    return result
+
+
+def _argmax_label(labels: list[str], scores: list[float]) -> str | None:
+    """Label of the highest score (first on ties); None if any score is not finite."""
+    if not scores or not all(math.isfinite(s) for s in scores):
+        return None
+    return labels[max(range(len(scores)), key=lambda i: scores[i])]

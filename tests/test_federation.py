@@ -1,0 +1,83 @@
+"""Engines and decoding: batched with left padding == per sample, prefill-only fusion, traces."""
+
+import pytest
+import torch
+
+from fedrefine_lib import federation, kv
+from fedrefine_lib.fuser import C2CFuser, FuserConfig
+from fedrefine_lib.models import LoadedModel
+
+PROMPTS = [
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What colour does zorblat glow, and why?"}],
+    [{"role": "user", "content": "Fox?"}],
+    [{"role": "user", "content": "Kevani river flows through the northern valley of Tressa."}],
+]
+# (receiver, sender): sender with fewer layers, more layers; same and different tokenizers;
+# a sliding-window sender and a sliding-window receiver.
+PAIRS = [("qwen3", "qwen2"), ("qwen3", "llama"), ("qwen3", "gemma3"), ("llama", "qwen3"), ("gemma3", "llama")]
+
+
+def c2c_engine(loaded_models, receiver, sender):
+    torch.manual_seed(0)
+    fuser = C2CFuser(FuserConfig.for_pair(loaded_models[receiver], loaded_models[sender], hidden=16))
+    with torch.no_grad():
+        for p in fuser.parameters():
+            p.normal_(0, 0.3)
+    fuser.eval().set_gates(True)
+    return federation.C2C(loaded_models[receiver], loaded_models[sender], fuser)
+
+
+@pytest.mark.parametrize("receiver,sender", [(r, None) for r in ("qwen3", "llama", "gemma3")] + PAIRS)
+def test_batched_equals_per_sample(loaded_models, receiver, sender):
+    engine = federation.Standalone(loaded_models[receiver]) if sender is None else c2c_engine(loaded_models, receiver, sender)
+    with torch.no_grad():
+        pre = engine.prefill(PROMPTS)
+        batch_logits = federation.continue_prefill(engine.receiver.model, pre)[:, -1]
+    texts, _ = federation.generate(engine, PROMPTS, max_new_tokens=8)
+    for b, prompt in enumerate(PROMPTS):
+        with torch.no_grad():
+            one = engine.prefill([prompt])
+            logits = federation.continue_prefill(engine.receiver.model, one)[:, -1]
+        torch.testing.assert_close(batch_logits[b : b + 1], logits, atol=1e-5, rtol=1e-4)
+        real = pre.attention_mask[b].bool()
+        assert pre.input_ids[b][real].tolist() == one.input_ids[0].tolist()
+        # The fused cache of the real tokens is the same, whatever the padding.
+        n = one.cache.seq_len
+        torch.testing.assert_close(pre.cache.values[-1][b : b + 1, :, -n:], one.cache.values[-1], atol=1e-5, rtol=1e-4)
+        assert federation.generate(engine, [prompt], max_new_tokens=8)[0] == [texts[b]]
+
+
+def test_fusion_only_at_prefill(loaded_models, monkeypatch):
+    engine = c2c_engine(loaded_models, "qwen3", "llama")
+    calls = []
+    sender_model = loaded_models["llama"].model
+    original = sender_model.forward
+    monkeypatch.setattr(sender_model, "forward", lambda *a, **k: calls.append(1) or original(*a, **k))
+    with torch.no_grad():
+        pre = engine.prefill(PROMPTS[:2])
+    assert pre.cache.seq_len == pre.input_ids.shape[1] - 1  # all prompt tokens but the last
+    calls.clear()
+    texts, trace = federation.generate(engine, PROMPTS[:2], max_new_tokens=5)
+    assert len(calls) == 1  # one sender prefill, no decoding work
+    assert set(trace.seconds) == {"alignment", "sender_prefill", "receiver_prefill", "projection", "decode"}
+    assert trace.total_seconds == pytest.approx(sum(trace.seconds.values()))
+    lengths = engine.aligner(PROMPTS[:2], loaded_models["qwen3"].tokenizer, loaded_models["llama"].tokenizer).sender_mask.sum(1)
+    expected = sum(kv.kv_bytes(sender_model.config, int(n), "bfloat16") for n in lengths)
+    assert trace.bytes == {"llama->qwen3": expected}
+    assert trace.tokens["sender_prompt"] == int(lengths.sum())
+
+
+def test_standalone_matches_plain_forward(loaded_models):
+    """The prefill + last-token step equals one forward pass over the whole prompt."""
+    r = loaded_models["qwen3"]
+    with torch.no_grad():
+        pre = federation.Standalone(r).prefill(PROMPTS)
+        logits = federation.continue_prefill(r.model, pre)[:, -1]
+        full, _ = kv.forward(r.model, pre.input_ids, pre.attention_mask)
+    torch.testing.assert_close(logits, full[:, -1], atol=1e-5, rtol=1e-4)
+
+
+def test_trace_add():
+    a = federation.Trace({"decode": 1.0}, {"x->y": 10}, {"prompt": 3})
+    a.add(federation.Trace({"decode": 0.5, "sender_prefill": 2.0}, {"x->y": 5}))
+    assert a.seconds == {"decode": 1.5, "sender_prefill": 2.0} and a.total_seconds == 3.5 and a.total_bytes == 15
