@@ -65,16 +65,15 @@ def heatmap(table: pd.DataFrame, title: str = "", path: str | Path | None = None
     return _finish(fig, path)
 
 
-def curve(values: Sequence[float], title: str = "", xlabel: str = "step", ylabel: str = "loss",
-          path: str | Path | None = None, smooth: int = 1, label: str | None = None):
-    """A training curve (optionally a running mean over ``smooth`` points)."""
-    s = pd.Series(values, dtype=float)
+def curves(series: Mapping[str, Sequence[float]], title: str = "", xlabel: str = "step", ylabel: str = "loss",
+           path: str | Path | None = None, smooth: int = 1):
+    """Training curves, one line per named series (running mean over ``smooth`` points)."""
     fig, ax = plt.subplots(figsize=(5.5, 3.4))
-    ax.plot(s.index, s, alpha=0.35 if smooth > 1 else 1.0, label=label)
-    if smooth > 1:
-        ax.plot(s.index, s.rolling(smooth, min_periods=1).mean(), label=f"running mean ({smooth})")
-        ax.legend(fontsize=8)
-    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    for name, values in series.items():
+        s = pd.Series(values, dtype=float)
+        ax.plot(s.index, s.rolling(max(1, smooth), min_periods=1).mean(), label=name)
+    ax.set(xlabel=xlabel, ylabel=ylabel + (f" (running mean of {smooth})" if smooth > 1 else ""), title=title)
+    ax.legend(fontsize=8)
     return _finish(fig, path)
 
 

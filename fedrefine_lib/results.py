@@ -102,3 +102,18 @@ class RunRecord:
 def without_timings(metrics: dict[str, Any]) -> dict[str, Any]:
     """The part of a metrics file that must be identical across runs with the same seed."""
     return {k: v for k, v in metrics.items() if k not in TIMING_KEYS}
+
+
+def summarize(result, focus: list[str] | None = None) -> dict[str, Any]:
+    """Accuracy of an ``evaluate.McqResult`` overall, on the ``focus`` domains, and per domain."""
+    from .evaluate import accuracy
+
+    out = {"all": result.accuracy(), "by_domain": result.accuracy_by("domain")}
+    if focus:
+        out["focus"] = accuracy([c for c, d in zip(result.correct, result.domains) if d in focus])
+    return out
+
+
+def gap_closed(alone: float, refined: float, oracle: float) -> float:
+    """Fraction of the receiver-alone -> oracle gap that refinement closes."""
+    return float("nan") if oracle <= alone else (refined - alone) / (oracle - alone)

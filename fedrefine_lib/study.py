@@ -69,6 +69,49 @@ class Study:
 
         return data.load_mcq(_local_or_hub(self._data_source(f"mcq_{split}"), "mcq"))
 
+    # ------------------------------------------------------------- recipes
+
+    def train_config(self, **overrides: Any):
+        """The profile's fuser-training settings (``train:`` in its YAML), with overrides."""
+        from .train import TrainConfig
+
+        return TrainConfig.from_dict({**self.settings.get("train", {}), **overrides})
+
+    def fuser_options(self, **overrides: Any) -> dict[str, Any]:
+        """The profile's fuser shape (``fuser:`` in its YAML), with overrides (None ignored)."""
+        return {**self.settings.get("fuser", {}), **{k: v for k, v in overrides.items() if v is not None}}
+
+    def hub(self):
+        """This profile's and seed's fuser hub (``data/<profile>/<seed>/fusers``)."""
+        from .hub import FuserHub
+
+        return FuserHub(self.artefact_dir("fusers"))
+
+    def knows(self, name: str) -> list[str]:
+        """Domains a model knows (mini world), else an empty list."""
+        return list(getattr(self.world, "knows", {}).get(name, []))
+
+    # ------------------------------------------------------------- scoring
+
+    def score(self, engine, items: list[dict], contexts: list[str | None] | None = None, **kwargs: Any):
+        """``evaluate.score_mcq`` with the profile's scoring method."""
+        from .evaluate import score_mcq
+
+        method = kwargs.pop("method", self.settings.get("scoring", "loglik"))
+        return score_mcq(engine, items, method=method, contexts=contexts, **kwargs)
+
+    def fact_notes(self, items: list[dict]) -> list[str]:
+        """The oracle's context note per item: the true fact (OpenBookQA's ``fact1`` field)."""
+        from .data import context_note
+
+        missing = [it["id"] for it in items if not it.get("fact1")]
+        if missing:
+            raise KeyError(
+                f"{len(missing)} items (e.g. {missing[:3]}) have no `fact1`; the oracle needs the "
+                "supporting fact (OpenBookQA 'additional' schema)."
+            )
+        return [context_note([it["fact1"]]) for it in items]
+
     def figures_dir(self) -> Path:
         path = self.results_dir / "figures"
         path.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,141 @@
+"""Link model, transmission stage, bytes on the wire, the paper's 88 KB, and the QoS policy."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fedrefine_lib import kv as kvlib
+from fedrefine_lib import network as net
+from fedrefine_lib.federation import TOKEN_ID_BYTES, Trace
+
+LINK = net.Link("test", bandwidth_mbps=8.0, rtt_ms=100.0)  # 1 MB/s, 50 ms one way
+
+
+def test_link_transfer_seconds():
+    assert LINK.one_way_seconds == pytest.approx(0.05)
+    assert LINK.transfer_seconds(1_000_000) == pytest.approx(0.05 + 1.0)
+    assert LINK.transfer_seconds(1_000_000, messages=3) == pytest.approx(0.15 + 1.0)
+    assert LINK.transfer_seconds(0) == 0.0
+    assert net.EDGE_UPLINK.transfer_seconds(2_500_000) == pytest.approx(0.02 + 1.0)  # 20 Mbit/s, 40 ms
+    with pytest.raises(ValueError, match="bandwidth"):
+        net.Link("bad", 0, 10)
+    with pytest.raises(ValueError, match="RTT"):
+        net.Link("bad", 1, -1)
+    with pytest.raises(ValueError, match=">= 0"):
+        LINK.transfer_seconds(-1)
+
+
+def test_with_transmission_parallel_and_serial():
+    trace = Trace(seconds={"sender_prefill": 1.0}, bytes={"s1->r": 1_000_000, "s2->r": 500_000})
+    par = net.with_transmission(trace, LINK)
+    assert par.seconds["transmission"] == pytest.approx(1.05)  # slowest link
+    assert par.total_seconds == pytest.approx(2.05)  # stages still sum to the total
+    assert "transmission" not in trace.seconds  # input untouched
+    assert par.bytes == trace.bytes
+    assert net.with_transmission(trace, LINK, parallel=False).seconds["transmission"] == pytest.approx(1.05 + 0.55)
+    assert net.with_transmission(trace, LINK, queries=2).seconds["transmission"] == pytest.approx(0.1 + 1.0)
+    # replacing, not adding, when applied twice
+    assert net.with_transmission(par, LINK).seconds["transmission"] == pytest.approx(1.05)
+    fast = net.Link("fast", 80.0, 0.0)
+    mixed = net.with_transmission(trace, {"s1->r": fast, "s2->r": LINK})
+    assert mixed.seconds["transmission"] == pytest.approx(max(0.1, 0.55))
+    with pytest.raises(KeyError, match="s2->r"):
+        net.with_transmission(trace, {"s1->r": fast})
+    assert net.with_transmission(Trace(), LINK).seconds["transmission"] == 0.0
+
+
+def test_wire_bytes_table_exact():
+    cfg = net.config_from_shape({"layers": 2, "kv_heads": 1, "head_dim": 4})
+    table = net.wire_bytes_table({"a": cfg, "b": cfg}, kv_tokens={"a": 10, "b": 20}, text_tokens=5)
+    a = table[table.sender == "a"].set_index("payload")
+    assert a.loc["kv bfloat16", "bytes_per_token"] == 2 * 2 * 1 * 4 * 2 == 32
+    assert a.loc["kv float32", "bytes_per_query"] == 64 * 10
+    assert a.loc["token ids", "bytes_per_token"] == TOKEN_ID_BYTES == 4
+    assert a.loc["token ids", "bytes_per_query"] == 20
+    total = table[table.sender == "all senders"].set_index("payload")
+    assert total.loc["kv bfloat16", "bytes_per_query"] == 32 * 10 + 32 * 20
+    assert total.loc["token ids", "bytes_per_token"] == 8
+    with pytest.raises(KeyError, match="'b'"):
+        net.wire_bytes_table({"b": cfg}, kv_tokens={"a": 1}, text_tokens=1)
+    with pytest.raises(ValueError, match="head_dim"):
+        net.config_from_shape({"layers": 2, "kv_heads": 1})
+
+
+@pytest.mark.parametrize("name", ["qwen2", "llama", "gemma3"])
+def test_kv_wire_bytes_match_encoded_payload(loaded_models, name):
+    """The size formula equals the bytes kv.encode actually puts on the wire (sliding
+    layers of Gemma-3 capped), per dtype."""
+    model = loaded_models[name].model
+    n = 7
+    ids = torch.randint(5, 50, (1, n))
+    _, cache = kvlib.prefill(model, ids, torch.ones_like(ids))  # the model's own cache (sliding layers capped)
+    for dtype in ("float32", "bfloat16"):
+        assert net.kv_wire_bytes(model.config, n, dtype) == kvlib.encode(cache, dtype).payload_bytes
+
+
+def test_paper_bytes_per_token():
+    table = net.paper_bytes_per_token().set_index("sender")
+    own = table["kv_own_bytes"]
+    assert own["qwen2.5-0.5b-instruct"] == 2 * 24 * 2 * 64 * 2 == 12_288
+    assert own["qwen2.5-coder-0.5b-instruct"] == 12_288
+    assert own["qwen2.5-1.5b-instruct"] == 2 * 28 * 2 * 128 * 2 == 28_672
+    assert own["llama-3.2-1b-instruct"] == 2 * 16 * 8 * 64 * 2 == 32_768
+    assert own["all senders"] == 86_016  # 84 KiB
+    assert table.loc["qwen2.5-0.5b-instruct", "kv_projected_bytes"] == 2 * 28 * 8 * 128 * 2 == 114_688
+    assert table.loc["all senders", "kv_projected_bytes"] == 4 * 114_688
+    assert table.loc["all senders", "token_id_bytes"] == 16  # the paper's 16 B
+    cmp = net.paper_comparison(net.paper_bytes_per_token()).set_index("quantity")
+    assert cmp.loc["KV, senders' own caches", "ratio_to_88KiB"] == pytest.approx(84 / 88)
+    assert cmp.loc["KV, senders' own caches", "ratio_to_88kB"] == pytest.approx(86.016 / 88)
+    assert cmp.loc["token ids", "ratio_to_paper_16B"] == 1.0
+
+
+def test_qos_policy():
+    kv = net.ModeCost(0.1, {"s->r": 1_000_000})  # 0.1 + 1.05 = 1.15 s
+    tokens = net.ModeCost(0.5, {"s->r": 40})  # 0.5 + 0.05 + 0.00004 s
+    d = net.choose_communication(LINK, 2.0, kv, tokens)
+    assert (d.mode, d.within_budget) == ("kv", True)
+    assert d.latency_s["kv"] == pytest.approx(1.15)
+    assert d.latency_s["tokens"] == pytest.approx(0.55004)
+    assert net.choose_communication(LINK, 1.0, kv, tokens).mode == "tokens"
+    slow = net.choose_communication(LINK, 0.3, kv, tokens)
+    assert (slow.mode, slow.within_budget) == ("tokens", False)
+    assert net.choose_communication(net.Link("fat", 8000.0, 100.0), 1.0, kv, tokens).mode == "kv"
+    assert net.choose_communication(LINK, 2.0, kv, tokens, prefer="tokens").mode == "tokens"
+    with pytest.raises(ValueError, match="prefer"):
+        net.choose_communication(LINK, 1.0, kv, tokens, prefer="both")
+    with pytest.raises(ValueError, match="budget"):
+        net.choose_communication(LINK, 0, kv, tokens)
+
+
+def test_mode_cost_from_trace():
+    trace = Trace(seconds={"sender_prefill": 0.4, "projection": 0.2, "transmission": 9.0}, bytes={"s->r": 800})
+    cost = net.ModeCost.from_trace(trace, queries=2)
+    assert cost.compute_s == pytest.approx(0.3)
+    assert cost.link_bytes == {"s->r": 400}
+
+
+def test_c2c_trace_bytes_are_encoded_payloads_and_stages_add_up(loaded_models):
+    """A real C2C trace: its link bytes equal the bf16 payloads of the sender's cache over
+    each sample's real tokens, and with the transmission stage added the stages still sum
+    to the total."""
+    from fedrefine_lib.federation import C2C
+    from fedrefine_lib.fuser import C2CFuser, FuserConfig
+
+    receiver, sender = loaded_models["qwen3"], loaded_models["qwen2"]
+    fuser = C2CFuser(FuserConfig.for_pair(receiver, sender, hidden=8, layer_map="bottom_up")).eval()
+    engine = C2C(receiver, sender, fuser)
+    batch = [[{"role": "user", "content": "Zorblat glows blue."}],
+             [{"role": "user", "content": "The quick brown fox jumps over the lazy dog."}]]
+    caches = engine.prompt_caches(batch)
+    encoded = 0
+    for b, n in enumerate(caches.alignment.sender_mask.sum(1).tolist()):
+        one = caches.sender_cache.select([b]).map(lambda t: t[:, :, -n:])  # left padded: real tokens last
+        encoded += kvlib.encode(kvlib.KVCache(one.keys, one.values, n), "bfloat16").payload_bytes
+    trace = engine.fuse(caches).trace
+    assert trace.bytes == {engine.link: encoded}
+    sent = net.with_transmission(trace, LINK, queries=2)
+    assert sent.seconds["transmission"] == pytest.approx(LINK.transfer_seconds(encoded, messages=2))
+    assert sent.total_seconds == pytest.approx(sum(sent.seconds.values()))
+    assert sent.total_seconds == pytest.approx(trace.total_seconds + sent.seconds["transmission"])
