@@ -11,6 +11,12 @@ position, template included, has a one-to-one partner and is fused.
 Shapes: a batch of ``B`` prompts gives receiver ids ``[B, T]`` and sender ids ``[B, S]``,
 both left padded, and ``sender_index`` ``[B, T]`` holding, per receiver position, the
 column of the sender token it fuses with (``-1`` for template tokens and padding).
+
+Controls: every aligner accepts ``sender_messages_batch``, what the sender reads when it is
+*not* the receiver's text (e.g. a different question, the wrong-cache control). ``identity``
+then pairs by position (clamped to the sender's length) and ``span`` by character position
+relative to each content segment (clamped to the sender's segment); ``reencode`` has no
+meaning for different texts and refuses.
 """
 
 from __future__ import annotations
@@ -167,11 +173,27 @@ class Alignment:
 
 
 class Aligner(Protocol):
+    """``__call__`` aligns a batch; ``sender_messages_batch`` (default: the receiver's
+    ``messages_batch``) is what the sender reads, one chat per receiver chat."""
+
     name: str
 
     def __call__(
-        self, messages_batch: list[Messages], receiver_tokenizer, sender_tokenizer, assistant_prefix: str | None = None
+        self, messages_batch: list[Messages], receiver_tokenizer, sender_tokenizer, assistant_prefix: str | None = None,
+        sender_messages_batch: list[Messages] | None = None,
     ) -> Alignment: ...
+
+
+def _sender_batch(messages_batch: list[Messages], sender_messages_batch: list[Messages] | None) -> list[Messages]:
+    """What the sender reads (the receiver's chats by default), checked one-to-one."""
+    if sender_messages_batch is None:
+        return messages_batch
+    if len(sender_messages_batch) != len(messages_batch):
+        raise ValueError(
+            f"Got {len(sender_messages_batch)} sender chats for {len(messages_batch)} receiver chats; "
+            "give the sender one chat per receiver chat."
+        )
+    return sender_messages_batch
 
 
 def _batch(
@@ -215,7 +237,8 @@ class IdentityAligner:
     def __init__(self) -> None:
         self._checked: set[tuple[int, int]] = set()  # tokenizer pairs already compared
 
-    def __call__(self, messages_batch, receiver_tokenizer, sender_tokenizer, assistant_prefix=None) -> Alignment:
+    def __call__(self, messages_batch, receiver_tokenizer, sender_tokenizer, assistant_prefix=None,
+                 sender_messages_batch=None) -> Alignment:
         pair = (id(receiver_tokenizer), id(sender_tokenizer))
         if pair not in self._checked and receiver_tokenizer.get_vocab() != sender_tokenizer.get_vocab():
             raise ValueError(
@@ -224,26 +247,38 @@ class IdentityAligner:
             )
         self._checked.add(pair)
         rows = [render(receiver_tokenizer, m, assistant_prefix).ids for m in messages_batch]
-        return _batch(rows, rows, [list(range(len(r))) for r in rows], receiver_tokenizer, sender_tokenizer)
+        sender_batch = _sender_batch(messages_batch, sender_messages_batch)
+        s_rows = [render(receiver_tokenizer, m, assistant_prefix).ids for m in sender_batch]
+        index = [[min(t, len(s) - 1) for t in range(len(r))] for r, s in zip(rows, s_rows)]
+        return _batch(rows, s_rows, index, receiver_tokenizer, sender_tokenizer)
 
 
 class SpanAligner:
     """Different tokenizers, no information lost: the sender reads its own natural
     tokenization of its own rendering; each receiver content token fuses with the sender
-    token whose character span covers the receiver token's last character."""
+    token whose character span covers the receiver token's last character (its offset in
+    its content segment, clamped to the sender's segment when the sender reads another text;
+    segments pair from the last one back, so a receiver segment without a partner is not fused)."""
 
     name = "span"
 
-    def __call__(self, messages_batch, receiver_tokenizer, sender_tokenizer, assistant_prefix=None) -> Alignment:
+    def __call__(self, messages_batch, receiver_tokenizer, sender_tokenizer, assistant_prefix=None,
+                 sender_messages_batch=None) -> Alignment:
         r_rows, s_rows, idx_rows = [], [], []
-        for messages in messages_batch:
+        for messages, sender_messages in zip(messages_batch, _sender_batch(messages_batch, sender_messages_batch)):
             r = render(receiver_tokenizer, messages, assistant_prefix)
-            s = render(sender_tokenizer, messages, assistant_prefix)
+            s = render(sender_tokenizer, sender_messages, assistant_prefix)
             starts = [a for a, _ in s.offsets]
+            shift = len(s.segments) - len(r.segments)  # segments pair from the end (last turn with last turn)
             idx = []
             for t in range(len(r.ids)):
                 pos = _content_position(r, t)
-                idx.append(-1 if pos is None else _covering_token(s, s.segments[pos[0]][0] + pos[1], starts))
+                k = -1 if pos is None else pos[0] + shift
+                if k < 0:
+                    idx.append(-1)
+                    continue
+                a, b = s.segments[k]
+                idx.append(-1 if b <= a else _covering_token(s, a + min(pos[1], b - a - 1), starts))
             r_rows.append(r.ids)
             s_rows.append(s.ids)
             idx_rows.append(idx)
@@ -282,7 +317,13 @@ class ReencodeAligner:
             return ids[0]
         return max(ids, key=lambda i: len(tokenizer.decode([i])))
 
-    def __call__(self, messages_batch, receiver_tokenizer, sender_tokenizer, assistant_prefix=None) -> Alignment:
+    def __call__(self, messages_batch, receiver_tokenizer, sender_tokenizer, assistant_prefix=None,
+                 sender_messages_batch=None) -> Alignment:
+        if sender_messages_batch is not None and sender_messages_batch != messages_batch:
+            raise ValueError(
+                "The reencode aligner makes the sender read the receiver's own tokens, so it cannot give the "
+                "sender a different text; use aligner='span' (or 'identity') for sender views and controls."
+            )
         r_rows, s_rows, idx_rows = [], [], []
         for messages in messages_batch:
             r = render(receiver_tokenizer, messages, assistant_prefix)

@@ -208,7 +208,7 @@ def _letter_token_ids(tok, label: str) -> list[int]:
 @torch.no_grad()
 def score_mcq(
     engine_or_loadedmodel, items: Sequence[dict], *, method: str = "loglik", batch_size: int = 8,
-    max_new_tokens: int = 16, progress: bool = True,
+    max_new_tokens: int = 16, progress: bool = True, contexts: Sequence[str | None] | None = None,
 ) -> McqResult:
     """Score multiple-choice ``items`` with an engine (or a ``LoadedModel`` = receiver alone).
 
@@ -216,30 +216,38 @@ def score_mcq(
         method: ``"loglik"``, ``"letter"`` or ``"generate"`` (see the module docstring).
         batch_size: questions per forward pass (``loglik`` runs ``batch_size x options`` rows).
         max_new_tokens: generation budget for ``"generate"``.
+        contexts: one context note per item (or None for none), put before the question
+            (``data.mcq_messages(item, contexts[i])``): the T2T baseline
+            (``federation.t2t_notes``) or an oracle note.
     Returns:
         a :class:`McqResult` with every item, in order.
     """
     if method not in METHODS:
         raise ValueError(f"Unknown MCQ method {method!r}; use one of {METHODS}.")
+    if contexts is not None and len(contexts) != len(items):
+        raise ValueError(f"Got {len(contexts)} contexts for {len(items)} items; give one context (or None) per item.")
     engine = _engine(engine_or_loadedmodel)
     tok = engine.receiver.tokenizer
     result = McqResult(method)
-    batches = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
-    for batch in tqdm(batches, desc=f"MCQ ({method})", disable=not progress):
+    starts = range(0, len(items), batch_size)
+    batches = [(items[i : i + batch_size], [None] * len(items[i : i + batch_size]) if contexts is None
+                else list(contexts[i : i + batch_size])) for i in starts]
+    for batch, notes in tqdm(batches, desc=f"MCQ ({method})", disable=not progress):
         labels = [list(it["choices"]["label"]) for it in batch]
         texts = [list(it["choices"]["text"]) for it in batch]
         outputs: list[str | None] = [None] * len(batch)
         if method == "loglik":
-            scores, trace = continuation_logliks(engine, [question_messages(it) for it in batch], texts)
+            scores, trace = continuation_logliks(engine, [question_messages(it, c) for it, c in zip(batch, notes)], texts)
             preds = [_argmax_label(l, s) for l, s in zip(labels, scores)]
         elif method == "letter":
-            pre = engine.prefill([letter_messages(it) for it in batch], LETTER_PREFIX)
+            pre = engine.prefill([letter_messages(it, c) for it, c in zip(batch, notes)], LETTER_PREFIX)
             trace = pre.trace
             last = continue_prefill(engine.receiver.model, pre)[:, -1].float()  # [B, V]
             scores = [[max(last[b, i].item() for i in _letter_token_ids(tok, l)) for l in ls] for b, ls in enumerate(labels)]
             preds = [_argmax_label(l, s) for l, s in zip(labels, scores)]
         else:
-            outputs, trace = generate(engine, [letter_messages(it) for it in batch], max_new_tokens, LETTER_PREFIX)
+            outputs, trace = generate(engine, [letter_messages(it, c) for it, c in zip(batch, notes)], max_new_tokens,
+                                      LETTER_PREFIX)
             scores = [[] for _ in batch]
             preds = [extract_answer(o, l, t) for o, l, t in zip(outputs, labels, texts)]
         result.trace.add(trace)

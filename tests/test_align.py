@@ -99,3 +99,48 @@ def test_align_cache_gathers_and_masks():
     with pytest.raises(ValueError, match="every position"):
         short = KVCache([k[:, :, 1:] for k in keys], [k[:, :, 1:] for k in keys], seq_len=4)
         align.align_cache(short, index, [0, 1, 1])
+
+
+OTHER = [{"role": "system", "content": "Be."}, {"role": "user", "content": "Zorblat glows blue in the northern valley."}]
+
+
+def test_span_aligner_with_another_sender_text(qwen_tokenizer, llama_tokenizer):
+    """The sender reads another text: receiver content tokens pair by their offset in the
+    segment, clamped to the sender's segment; the sender reads its own natural tokens."""
+    a = align.SpanAligner()([MESSAGES], qwen_tokenizer, llama_tokenizer, sender_messages_batch=[OTHER])
+    own = align.render(llama_tokenizer, OTHER)
+    assert a.sender_ids[0].tolist() == own.ids
+    r = align.render(qwen_tokenizer, MESSAGES)
+    for t, i in enumerate(a.sender_index[0].tolist()):
+        pos = align._content_position(r, t)
+        if pos is None:
+            assert i == -1
+            continue
+        seg_a, seg_b = own.segments[pos[0]]
+        char = seg_a + min(pos[1], seg_b - seg_a - 1)
+        s_a, s_b = own.offsets[i]
+        assert s_a <= char < s_b  # the sender token covering the paired character
+    # "Be brief." (9 chars) against "Be." (3 chars): the tail pairs with the last sender character.
+    sys_idx = [i for t, i in enumerate(a.sender_index[0].tolist()) if (p := align._content_position(r, t)) and p[0] == 0]
+    assert sys_idx[-1] == own.offsets.index(next(o for o in own.offsets if o[0] <= own.segments[0][1] - 1 < o[1]))
+    same = align.SpanAligner()([MESSAGES], qwen_tokenizer, llama_tokenizer, sender_messages_batch=[MESSAGES])
+    plain = align.SpanAligner()([MESSAGES], qwen_tokenizer, llama_tokenizer)
+    assert torch.equal(same.sender_index, plain.sender_index)
+    # Fewer sender turns: segments pair from the last one back; the receiver's extra turn is not fused.
+    fewer = align.SpanAligner()([MESSAGES], qwen_tokenizer, llama_tokenizer, sender_messages_batch=[OTHER[1:]])
+    segs = [p[0] if (p := align._content_position(r, t)) else None for t in range(len(r.ids))]
+    idx = fewer.sender_index[0].tolist()
+    assert all(i == -1 for i, k in zip(idx, segs) if k == 0) and all(i >= 0 for i, k in zip(idx, segs) if k == 1)
+    with pytest.raises(ValueError, match="one chat per receiver chat"):
+        align.SpanAligner()([MESSAGES], qwen_tokenizer, llama_tokenizer, sender_messages_batch=[OTHER, OTHER])
+    with pytest.raises(ValueError, match="span"):
+        align.ReencodeAligner()([MESSAGES], qwen_tokenizer, llama_tokenizer, sender_messages_batch=[OTHER])
+
+
+def test_identity_aligner_with_another_sender_text(qwen_tokenizer):
+    short = [{"role": "user", "content": "Hi."}]
+    a = align.IdentityAligner()([MESSAGES, short], qwen_tokenizer, qwen_tokenizer, sender_messages_batch=[short, MESSAGES])
+    r_len, s_len = int(a.receiver_mask[0].sum()), int(a.sender_mask[0].sum())
+    assert s_len < r_len
+    shift = a.sender_ids.shape[1] - s_len
+    assert (a.sender_index[0][-r_len:] - shift).tolist() == [min(t, s_len - 1) for t in range(r_len)]

@@ -96,3 +96,17 @@ def test_scoring_with_a_closed_c2c_engine_equals_standalone(tiny_models, qwen3):
     assert "llama->qwen3" in c2c.trace.bytes and not alone.trace.bytes
     with pytest.raises(TypeError, match="engine"):
         evaluate.score_mcq(object(), ITEMS)
+
+
+@pytest.mark.parametrize("method", ["loglik", "letter"])
+def test_contexts_are_put_before_the_question(qwen3, method):
+    notes = ["Note: zorblat glows blue.", None, "Note: the fox jumps."]
+    result = evaluate.score_mcq(qwen3, ITEMS, method=method, contexts=notes, batch_size=2, progress=False)
+    for i, (item, note) in enumerate(zip(ITEMS, notes)):
+        assert evaluate.question_messages(item, note) == data.mcq_messages(item, note)
+        one = evaluate.score_mcq(qwen3, [item], method=method, contexts=[note], progress=False)
+        assert one.scores[0] == pytest.approx(result.scores[i], abs=1e-4)
+    plain = evaluate.score_mcq(qwen3, ITEMS, method=method, batch_size=2, progress=False)
+    assert plain.scores[1] == pytest.approx(result.scores[1], abs=1e-4) and plain.scores[0] != result.scores[0]
+    with pytest.raises(ValueError, match="one context"):
+        evaluate.score_mcq(qwen3, ITEMS, contexts=notes[:2])

@@ -81,3 +81,78 @@ def test_trace_add():
     a = federation.Trace({"decode": 1.0}, {"x->y": 10}, {"prompt": 3})
     a.add(federation.Trace({"decode": 0.5, "sender_prefill": 2.0}, {"x->y": 5}))
     assert a.seconds == {"decode": 1.5, "sender_prefill": 2.0} and a.total_seconds == 3.5 and a.total_bytes == 15
+
+
+# ------------------------------------------------------------------ wrong-cache control
+
+def test_sender_view_control_runs_and_differs(loaded_models):
+    """The sender reads another question: the fused cache differs from plain C2C; an
+    identity view gives plain C2C back exactly."""
+    normal = c2c_engine(loaded_models, "qwen3", "llama")
+    control = federation.C2C(normal.receiver, normal.sender, normal.fuser, sender_view=federation.rotate(1))
+    same = federation.C2C(normal.receiver, normal.sender, normal.fuser, sender_view=lambda batch: batch)
+    with torch.no_grad():
+        a, b, c = (e.prefill(PROMPTS) for e in (normal, control, same))
+    assert torch.equal(a.input_ids, b.input_ids)  # the receiver reads its own question
+    assert not torch.allclose(a.cache.values[-1], b.cache.values[-1])
+    assert all(torch.equal(x, y) for x, y in zip(a.cache.values, c.cache.values))
+    # What the control sends is the other questions' caches.
+    lengths = normal.aligner(PROMPTS[1:] + PROMPTS[:1], normal.receiver.tokenizer, normal.sender.tokenizer).sender_mask.sum(1)
+    assert b.trace.bytes["llama->qwen3"] == sum(kv.kv_bytes(normal.sender.model.config, int(n)) for n in lengths)
+    texts, _ = federation.generate(control, PROMPTS, max_new_tokens=3)
+    assert len(texts) == len(PROMPTS)
+    with pytest.raises(ValueError, match="rotate"):
+        control.prefill(PROMPTS[:1])
+
+
+def test_sender_view_same_tokenizer(loaded_models):
+    normal = c2c_engine(loaded_models, "qwen3", "qwen2")
+    control = federation.C2C(normal.receiver, normal.sender, normal.fuser, sender_view=federation.rotate(2))
+    with torch.no_grad():
+        a, b = normal.prefill(PROMPTS), control.prefill(PROMPTS)
+    assert torch.equal(a.input_ids, b.input_ids) and not torch.allclose(a.cache.keys[0], b.cache.keys[0])
+
+
+# ---------------------------------------------------------------------------- T2T
+
+ITEMS = [
+    {"id": f"q{i}", "question_stem": stem, "answerKey": "A",
+     "choices": {"label": ["A", "B", "C", "D"], "text": ["blue", "red", "green", "the fox"]}}
+    for i, stem in enumerate(["What colour does zorblat glow?", "Which river flows through Tressa?", "What jumps?"])
+]
+
+
+def test_t2t_notes_trace_adds_up(loaded_models):
+    from fedrefine_lib import data, evaluate
+
+    senders = [loaded_models["qwen2"], loaded_models["llama"]]
+    notes, texts, trace = federation.t2t_notes(senders, ITEMS, receiver=loaded_models["qwen3"], max_new_tokens=4,
+                                               batch_size=2, progress=False)
+    assert len(notes) == len(texts) == len(ITEMS) and all(len(t) == 2 for t in texts)
+    assert notes == [data.context_note(t) for t in texts]
+    assert set(trace.seconds) == {"sender_prefill", "sender_decode"}
+    assert trace.total_seconds == pytest.approx(trace.seconds["sender_prefill"] + trace.seconds["sender_decode"])
+    # Bytes = the token ids each sender actually generated x 4.
+    total = 0
+    for k, s in enumerate(senders):
+        rows = []
+        for i in range(0, len(ITEMS), 2):
+            r, _ = federation.generate_ids(federation.Standalone(s), [data.background_messages(it["question_stem"])
+                                                                      for it in ITEMS[i : i + 2]], 4)
+            rows += r
+        assert [s.tokenizer.decode(r, skip_special_tokens=True).strip() for r in rows] == [t[k] for t in texts]
+        n = sum(len(r) for r in rows)
+        assert trace.bytes[f"{s.name}->qwen3"] == n * federation.TOKEN_ID_BYTES
+        total += n
+    assert trace.tokens["sender_generated"] == total
+    # The receiver answers with the notes in its context.
+    with_notes = evaluate.score_mcq(loaded_models["qwen3"], ITEMS, contexts=notes, progress=False)
+    one = evaluate.score_mcq(loaded_models["qwen3"], ITEMS[1:2], contexts=notes[1:2], progress=False)
+    assert one.scores[0] == pytest.approx(with_notes.scores[1], abs=1e-4)
+    plain = evaluate.score_mcq(loaded_models["qwen3"], ITEMS, progress=False)
+    assert with_notes.scores != plain.scores
+    # Per-sender stems (e.g. each its own rephrasing).
+    _, texts2, _ = federation.t2t_notes(senders[:1], ITEMS, stems={"qwen2": ["Q?"] * 3}, max_new_tokens=2, progress=False)
+    assert len(texts2) == 3
+    with pytest.raises(KeyError, match="llama"):
+        federation.t2t_notes(senders, ITEMS, stems={"qwen2": ["Q?"] * 3}, progress=False)

@@ -1,0 +1,467 @@
+"""Source weighting for multi-sender FedRefine: how much of each source (the receiver's own
+cache and each sender's projected cache) a receiver uses, per query.
+
+Weights are a tensor ``[B, 1 + S]``: column 0 the receiver's own cache, column ``1 + j``
+the engine's ``j``-th sender. ``federation.FedRefine`` uses them as:
+
+- ``residual``: ``C = C_r + sum_j w_j * Delta_j`` (``Delta_j``: sender ``j``'s projected
+  residual, ``federation.project``); ``w_0`` is not used (the own cache is the base);
+- ``concat``: sender ``j``'s block values are scaled by ``w_j`` and the own cache's values
+  by ``w_0`` (the own cache is never masked).
+
+A sender weight of exactly 0 *closes* that sender: it has no effect at all (its residual
+is not added / its block is masked), and a sender closed for a whole batch is not even run
+and sends nothing. Policies (all callables ``policy(query) -> [B, 1 + S]``):
+
+- :class:`EqualWeights`: every source 1 (the reference C2C's unweighted sum of residuals);
+- :class:`SubsetSelection`: 1 for a fixed sender subset, or per domain (the paper's
+  prior-knowledge selection; :func:`prior_subsets` picks each domain's best subset on
+  the validation split; :func:`domain_lookup` finds a query's domain);
+- :class:`LearnedGate`: a trained :class:`Gate` (one per receiver) reading the receiver's
+  own view of the query (:func:`pooled_features`), trained by :func:`train_gate`.
+
+:func:`oracle_correct` gives the per-question oracle selection (an upper bound).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Protocol, Sequence
+
+import torch
+from torch import nn
+
+from fedrefine_lib.align import Messages
+from fedrefine_lib.kv import KVCache, kv_shape
+
+OWN = "own"
+"""Name of the receiver's own cache as a source (column 0 of the weights)."""
+WEIGHTS_FILE = "gate.safetensors"
+CONFIG_FILE = "gate_config.json"
+FORMAT_VERSION = 1
+
+
+class GateLoadError(ValueError):
+    """A saved gate cannot be loaded as asked (the message says what differs)."""
+
+
+# ----------------------------------------------------------------------- queries
+
+
+@dataclass
+class GateQuery:
+    """What a policy sees of a batch: the receiver's own view only (no sender was run).
+
+    Attributes:
+        messages_batch: the receiver's ``B`` chats.
+        receiver_cache: the receiver's own prompt cache, per layer ``[B, H, N, D]``.
+        mask: ``[B, N]``, 1 for the real tokens of ``receiver_cache``.
+        senders: the engine's sender names, in weight-column order (columns ``1..S``).
+    """
+
+    messages_batch: list[Messages]
+    receiver_cache: KVCache
+    mask: torch.Tensor
+    senders: list[str]
+
+
+class Policy(Protocol):
+    name: str
+
+    def __call__(self, query: GateQuery) -> torch.Tensor: ...
+
+
+def pooled_features(cache: KVCache, mask: torch.Tensor) -> torch.Tensor:
+    """The receiver's view of a query: the mean over real tokens of every layer's values
+    (a linear read-out of that layer's hidden states, already computed by the prefill).
+
+    Args:
+        cache: per layer ``[B, H, N, D]``; mask: ``[B, N]``.
+    Returns:
+        ``[B, layers * H * D]`` (fp32).
+    """
+    m = mask.to(torch.float32)[:, None, :, None]  # [B, 1, N, 1]
+    denom = m.sum(2).clamp(min=1.0)
+    pooled = [(v.float() * m.to(v.device)).sum(2) / denom.to(v.device) for v in cache.values]  # [B, H, D] each
+    return torch.cat([p.flatten(1) for p in pooled], dim=1)
+
+
+def _ones(query: GateQuery) -> torch.Tensor:
+    return torch.ones(query.mask.shape[0], 1 + len(query.senders), device=query.mask.device)
+
+
+# ----------------------------------------------------------------------- policies
+
+
+class EqualWeights:
+    """Every sender with weight 1: the reference C2C's unweighted sum of residuals."""
+
+    name = "equal"
+
+    def __call__(self, query: GateQuery) -> torch.Tensor:
+        return _ones(query)
+
+
+class SubsetSelection:
+    """Hard selection: weight 1 for the chosen senders, 0 (closed) for the others.
+
+    Args:
+        subsets: one sender subset for every query, or ``{domain: subset}`` (the paper's
+            prior-knowledge selection, e.g. from :func:`prior_subsets`).
+        domain_of: chat -> domain, needed with a per-domain dict (:func:`domain_lookup`).
+    """
+
+    def __init__(self, subsets: Sequence[str] | Mapping[str, Sequence[str]],
+                 domain_of: Callable[[Messages], str] | None = None, name: str | None = None):
+        self.per_domain = isinstance(subsets, Mapping)
+        if self.per_domain and domain_of is None:
+            raise ValueError("Per-domain subsets need domain_of (e.g. gating.domain_lookup(items)).")
+        self.subsets = {k: tuple(v) for k, v in subsets.items()} if self.per_domain else tuple(subsets)
+        self.domain_of = domain_of
+        self.name = name or ("prior" if self.per_domain else "subset")
+
+    def chosen(self, messages: Messages) -> tuple[str, ...]:
+        if not self.per_domain:
+            return self.subsets
+        domain = self.domain_of(messages)
+        if domain not in self.subsets:
+            raise KeyError(f"No sender subset for domain {domain!r}; the selection knows {sorted(self.subsets)}.")
+        return self.subsets[domain]
+
+    def __call__(self, query: GateQuery) -> torch.Tensor:
+        weights = torch.zeros(len(query.messages_batch), 1 + len(query.senders), device=query.mask.device)
+        weights[:, 0] = 1.0
+        for b, messages in enumerate(query.messages_batch):
+            for name in self.chosen(messages):
+                if name not in query.senders:
+                    raise ValueError(
+                        f"The selection chose sender {name!r}, which this engine does not have (it has "
+                        f"{query.senders}); build the engine with every sender the selection may choose."
+                    )
+                weights[b, 1 + query.senders.index(name)] = 1.0
+        return weights
+
+
+def domain_lookup(items: Sequence[dict]) -> Callable[[Messages], str]:
+    """Chat -> domain of the MCQ item whose ``question_stem`` it asks (the longest stem
+    found in the last message wins). Raises naming the chat when none matches."""
+    stems = sorted(((it["question_stem"], it.get("domain")) for it in items), key=lambda s: -len(s[0]))
+    if any(d is None for _, d in stems):
+        raise ValueError("Every item needs a 'domain' field for domain_lookup.")
+
+    def domain_of(messages: Messages) -> str:
+        text = messages[-1]["content"]
+        for stem, domain in stems:
+            if stem in text:
+                return domain
+        raise KeyError(f"No item's question_stem appears in the chat {text[:80]!r}; pass the items it asks about.")
+
+    return domain_of
+
+
+def prior_subsets(results: Mapping[Sequence[str], Any], metric: Callable[[Sequence[bool]], float] | None = None
+                  ) -> dict[str, tuple[str, ...]]:
+    """The paper's prior-knowledge selection: per domain, the sender subset with the best
+    accuracy on the *validation* split.
+
+    Args:
+        results: sender subset (tuple of names; ``()`` = receiver alone) -> its
+            ``evaluate.McqResult`` on validation items (with ``domain``).
+    Returns:
+        ``{domain: subset}``; ties go to the smaller subset, then name order.
+    """
+    metric = metric or (lambda c: sum(c) / len(c))
+    per_domain: dict[str, list[tuple[float, int, tuple[str, ...]]]] = {}
+    for subset, result in results.items():
+        groups: dict[str, list[bool]] = {}
+        for d, c in zip(result.domains, result.correct):
+            groups.setdefault(str(d), []).append(bool(c))
+        for d, correct in groups.items():
+            per_domain.setdefault(d, []).append((-metric(correct), len(subset), tuple(sorted(subset))))
+    return {d: min(cands)[2] for d, cands in sorted(per_domain.items())}
+
+
+def oracle_correct(results: Mapping[Sequence[str], Any]) -> list[bool]:
+    """Per-question oracle selection (upper bound): item ``i`` is right if any subset's
+    result gets it right. All results must cover the same items in the same order."""
+    results = list(results.values())
+    if not results:
+        raise ValueError("oracle_correct needs at least one result.")
+    ids = results[0].ids
+    for r in results[1:]:
+        if r.ids != ids:
+            raise ValueError("The results cover different items (ids differ); score every subset on the same items.")
+    return [any(r.correct[i] for r in results) for i in range(len(ids))]
+
+
+# -------------------------------------------------------------------------- gate
+
+
+@dataclass
+class GateConfig:
+    """Shape of a gate and the receiver/sources it belongs to.
+
+    Attributes:
+        receiver_name: the receiver whose own cache the gate reads.
+        senders: the sender names, in output order (column 0 is the own cache).
+        receiver_layers, receiver_kv_heads, receiver_head_dim: the receiver cache shape.
+        mode: the fusion mode it was trained for (``residual`` or ``concat``).
+        hidden: width of the hidden layer.
+        max_weight: the output range is ``(0, max_weight)``; the zero-initialised output
+            layer makes a fresh gate give ``max_weight / 2`` for every source (the default
+            2 gives 1: a fresh gate equals ``EqualWeights``).
+    """
+
+    receiver_name: str
+    senders: list[str]
+    receiver_layers: int
+    receiver_kv_heads: int
+    receiver_head_dim: int
+    mode: str = "residual"
+    hidden: int = 64
+    max_weight: float = 2.0
+
+    @property
+    def features(self) -> int:
+        return self.receiver_layers * self.receiver_kv_heads * self.receiver_head_dim
+
+    @property
+    def sources(self) -> list[str]:
+        return [OWN, *self.senders]
+
+    @classmethod
+    def for_receiver(cls, receiver, senders: Sequence, **options: Any) -> "GateConfig":
+        """Config for ``receiver`` (a ``LoadedModel``) over ``senders`` (models or names)."""
+        layers, heads, head_dim = kv_shape(receiver.model.config)
+        return cls(receiver.name, [getattr(s, "name", s) for s in senders], layers, heads, head_dim, **options)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class Gate(nn.Module):
+    """The per-receiver gating network: ``features [B, F] -> weights [B, 1 + S]``::
+
+        w = max_weight * sigmoid(Linear(GELU(Linear(RMSNorm(features)))))
+
+    Independent sigmoids (not a softmax), so it can open one, several or no senders; the
+    output layer starts at zero, so a fresh gate equals :class:`EqualWeights`.
+    """
+
+    def __init__(self, config: GateConfig):
+        super().__init__()
+        self.config = config
+        self.norm = nn.RMSNorm(config.features, eps=1e-6)
+        self.inp = nn.Linear(config.features, config.hidden)
+        self.act = nn.GELU()
+        self.out = nn.Linear(config.hidden, 1 + len(config.senders))
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """``[B, F]`` -> weights ``[B, 1 + S]`` over :attr:`GateConfig.sources`."""
+        if features.shape[-1] != self.config.features:
+            raise ValueError(
+                f"Gate for {self.config.receiver_name} reads {self.config.features} features, got "
+                f"{features.shape[-1]}: feed it gating.pooled_features of that receiver's own cache."
+            )
+        x = features.to(self.out.weight.dtype)
+        return self.config.max_weight * torch.sigmoid(self.out(self.act(self.inp(self.norm(x)))))
+
+    def weights(self, query: GateQuery) -> torch.Tensor:
+        """Weights for an engine's senders (a subset of the gate's; the others are closed)."""
+        if query.receiver_cache.num_layers != self.config.receiver_layers:
+            raise ValueError(f"Gate for {self.config.receiver_name} got another receiver's cache "
+                             f"({query.receiver_cache.num_layers} layers, expected {self.config.receiver_layers}).")
+        unknown = [s for s in query.senders if s not in self.config.senders]
+        if unknown:
+            raise ValueError(
+                f"The gate for {self.config.receiver_name} was trained over senders {self.config.senders}; it has no "
+                f"weight for {unknown}. Train a gate over these senders (gating.train_gate)."
+            )
+        dev = next(self.parameters()).device
+        full = self(pooled_features(query.receiver_cache, query.mask).to(dev))  # [B, 1 + S_gate]
+        cols = [0] + [1 + self.config.senders.index(s) for s in query.senders]
+        return full[:, cols]
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    # ------------------------------------------------------------------ saving
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write ``gate.safetensors`` and ``gate_config.json``."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        save_file(state, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+        meta = {"format_version": FORMAT_VERSION, "config": self.config.to_dict(),
+                "tensors": {k: list(v.shape) for k, v in state.items()}, "sha256": _sha256(directory / WEIGHTS_FILE)}
+        (directory / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, receiver=None, senders: Sequence | None = None) -> "Gate":
+        """Load strictly; with ``receiver``/``senders`` also check the gate belongs to them.
+
+        Raises:
+            GateLoadError: missing/corrupt files, checksum mismatch, another receiver or
+                other senders, missing/extra/reshaped tensors (each named).
+        """
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        for name in (CONFIG_FILE, WEIGHTS_FILE):
+            if not (directory / name).is_file():
+                raise GateLoadError(f"No {name} in {directory}: not a saved gate (save one with Gate.save_pretrained).")
+        try:
+            meta = json.loads((directory / CONFIG_FILE).read_text())
+            config = GateConfig(**meta["config"])
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise GateLoadError(f"Corrupt {directory / CONFIG_FILE}: {e}. Re-save or retrain the gate.") from e
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise GateLoadError(f"{directory / CONFIG_FILE} has format_version {meta.get('format_version')}, "
+                                f"this library reads {FORMAT_VERSION}.")
+        if receiver is not None:
+            actual = GateConfig.for_receiver(receiver, senders if senders is not None else config.senders)
+            diffs = [f"{k}: gate has {getattr(config, k)!r}, models have {getattr(actual, k)!r}"
+                     for k in ("receiver_name", "senders", "receiver_layers", "receiver_kv_heads", "receiver_head_dim")
+                     if getattr(config, k) != getattr(actual, k)]
+            if diffs:
+                raise GateLoadError(f"Gate in {directory} does not fit: " + "; ".join(diffs)
+                                    + ". Load the gate trained for this receiver and senders (or train one).")
+        digest = _sha256(directory / WEIGHTS_FILE)
+        if meta.get("sha256") != digest:
+            raise GateLoadError(f"Corrupt {directory / WEIGHTS_FILE}: sha256 differs from the one recorded at save "
+                                "time. Re-save or retrain the gate.")
+        state = load_file(str(directory / WEIGHTS_FILE))
+        gate = cls(config)
+        expected = {k: tuple(v.shape) for k, v in gate.state_dict().items()}
+        problems = [f"missing {k}" for k in sorted(set(expected) - set(state))]
+        problems += [f"unexpected {k}" for k in sorted(set(state) - set(expected))]
+        problems += [f"{k}: saved {tuple(state[k].shape)}, expected {expected[k]}"
+                     for k in sorted(set(expected) & set(state)) if tuple(state[k].shape) != expected[k]]
+        if problems:
+            raise GateLoadError(f"{directory / WEIGHTS_FILE} does not match its config: " + "; ".join(problems) + ".")
+        gate.load_state_dict(state, strict=True)
+        return gate.eval()
+
+
+class LearnedGate:
+    """A trained :class:`Gate` as a selection policy.
+
+    Args:
+        threshold: weights at or below it are closed (exactly 0; their senders are not
+            run). 0 keeps every sender the gate's sigmoid leaves open.
+    """
+
+    name = "gate"
+
+    def __init__(self, gate: Gate, threshold: float = 0.0):
+        self.gate, self.threshold = gate, threshold
+
+    @torch.no_grad()
+    def __call__(self, query: GateQuery) -> torch.Tensor:
+        w = self.gate.weights(query)
+        return torch.where(w > self.threshold, w, torch.zeros_like(w))
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# ---------------------------------------------------------------------- training
+
+
+@dataclass
+class GateTrainResult:
+    """Loss per step, steps, seconds, and the config used."""
+
+    losses: list[float]
+    steps: int
+    seconds: float
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def train_gate(engine, gate: Gate, records: Sequence[Messages], config=None) -> GateTrainResult:
+    """Train ``gate`` (in place) with the receiver, the senders and their fusers frozen.
+
+    Loss: the receiver's answer loss (``train.answer_loss``, final assistant turn) with the
+    gated multi-sender cache of ``engine`` (a ``federation.FedRefine``; its policy is
+    ignored here). The LLM caches and the frozen fusers' projections of each batch are
+    computed once and reused across epochs; only the gate's weights change.
+
+    Args:
+        records: chat records ending with the assistant turn (fuser-training records in
+            which different senders help on different domains).
+        config: a ``train.TrainConfig`` (``lr``, ``weight_decay``, ``warmup_ratio``,
+            ``grad_clip``, ``epochs``, ``batch_size``, ``max_steps``, ``seed``, ``progress``).
+    """
+    from tqdm.auto import tqdm
+    from transformers import get_linear_schedule_with_warmup
+
+    from fedrefine_lib.train import TrainConfig, _right_pad, answer_loss, freeze, split_record
+
+    config = config or TrainConfig()
+    if not records:
+        raise ValueError("No training records.")
+    if gate.config.receiver_name != engine.receiver.name:
+        raise ValueError(f"The gate belongs to receiver {gate.config.receiver_name!r}, the engine's receiver is "
+                         f"{engine.receiver.name!r}.")
+    torch.manual_seed(config.seed)
+    for m in (engine.receiver, *engine.senders):
+        freeze(m.model)
+    for f in engine.fusers:
+        f.eval().requires_grad_(False)
+    dev = next(engine.receiver.model.parameters()).device
+    gate.float().to(dev).train()
+    tok = engine.receiver.tokenizer
+    order = torch.randperm(len(records), generator=torch.Generator().manual_seed(config.seed)).tolist()
+    batches = [order[i : i + config.batch_size] for i in range(0, len(order), config.batch_size)]
+    total = len(batches) * config.epochs
+    if config.max_steps is not None:
+        total = min(total, config.max_steps)
+    optimizer = torch.optim.AdamW(gate.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(config.warmup_ratio * total), total)
+    cached: dict[int, tuple] = {}
+    losses: list[float] = []
+    step, start = 0, time.perf_counter()
+    epoch_gen = torch.Generator().manual_seed(config.seed + 1)
+    bar = tqdm(total=total, desc=f"gate {gate.config.receiver_name}", disable=not config.progress)
+    while step < total:
+        for b in torch.randperm(len(batches), generator=epoch_gen).tolist():
+            if step >= total:
+                break
+            if b not in cached:
+                prompts, answers = zip(*(split_record(tok, records[i]) for i in batches[b]))
+                with torch.no_grad():
+                    caches = engine.prompt_caches(list(prompts))
+                    projections = engine.project(caches)
+                cached[b] = (caches, projections, *_right_pad(list(answers), dev))
+            caches, projections, ans_ids, ans_mask = cached[b]
+            query = GateQuery(caches.messages_batch, caches.receiver_cache, caches.receiver_mask[:, :-1], engine.sender_names)
+            loss = answer_loss(engine.receiver.model, engine.combine(caches, projections, gate.weights(query)), ans_ids, ans_mask)
+            loss.backward()
+            if config.grad_clip:
+                torch.nn.utils.clip_grad_norm_(gate.parameters(), config.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+            step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    bar.close()
+    gate.eval()
+    return GateTrainResult(losses, step, time.perf_counter() - start, config.to_dict())

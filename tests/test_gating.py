@@ -1,0 +1,117 @@
+"""Gating network and selection policies (issue 6)."""
+
+import pytest
+import torch
+
+from fedrefine_lib import federation, gating
+from fedrefine_lib.evaluate import McqResult
+from fedrefine_lib.train import TrainConfig
+
+from test_multi import PROMPTS, engine, logits
+
+
+def query(loaded_models, senders, prompts=PROMPTS):
+    pre = federation.Standalone(loaded_models["qwen3"]).prefill(prompts)
+    return gating.GateQuery(prompts, pre.cache, pre.attention_mask[:, :-1], list(senders))
+
+
+def test_fresh_gate_is_equal_weights(loaded_models):
+    gate = gating.Gate(gating.GateConfig.for_receiver(loaded_models["qwen3"], ["qwen2", "llama"]))
+    q = query(loaded_models, ["qwen2", "llama"])
+    assert torch.equal(gating.LearnedGate(gate)(q), gating.EqualWeights()(q))
+    eq = engine(loaded_models, ["qwen2", "llama"], policy=gating.EqualWeights())
+    gated = engine(loaded_models, ["qwen2", "llama"], policy=gating.LearnedGate(gate))
+    assert torch.equal(logits(eq, PROMPTS)[1], logits(gated, PROMPTS)[1])
+
+
+def test_pooled_features_ignore_padding(loaded_models):
+    batch = gating.pooled_features(query(loaded_models, []).receiver_cache, query(loaded_models, []).mask)
+    for b, p in enumerate(PROMPTS):
+        one = query(loaded_models, [], [p])
+        torch.testing.assert_close(batch[b : b + 1], gating.pooled_features(one.receiver_cache, one.mask), atol=1e-5, rtol=1e-4)
+
+
+def test_gate_maps_engine_senders_to_its_columns(loaded_models):
+    gate = gating.Gate(gating.GateConfig.for_receiver(loaded_models["qwen3"], ["qwen2", "llama", "gemma3"]))
+    with torch.no_grad():
+        gate.out.bias.copy_(torch.tensor([0.0, 1.0, 2.0, 3.0]))
+    w = gating.LearnedGate(gate)(query(loaded_models, ["gemma3", "qwen2"]))
+    torch.testing.assert_close(w[0], 2 * torch.sigmoid(torch.tensor([0.0, 3.0, 1.0])))
+    with pytest.raises(ValueError, match="no weight for \\['mystery'\\]"):
+        gate.weights(query(loaded_models, ["mystery"]))
+    closed = gating.LearnedGate(gate, threshold=1.5)(query(loaded_models, ["qwen2", "llama"]))
+    assert (closed[:, 1] == 0).all() and (closed[:, 2] > 0).all()
+
+
+def test_gate_save_load_strict(loaded_models, tmp_path):
+    r = loaded_models["qwen3"]
+    gate = gating.Gate(gating.GateConfig.for_receiver(r, ["qwen2", "llama"], hidden=8))
+    with torch.no_grad():
+        gate.out.weight.normal_()
+    gate.save_pretrained(tmp_path / "g")
+    back = gating.Gate.from_pretrained(tmp_path / "g", r, ["qwen2", "llama"])
+    assert all(torch.equal(a, b) for a, b in zip(gate.state_dict().values(), back.state_dict().values()))
+    with pytest.raises(gating.GateLoadError, match="senders"):
+        gating.Gate.from_pretrained(tmp_path / "g", r, ["llama", "qwen2"])
+    with pytest.raises(gating.GateLoadError, match="receiver_name"):
+        gating.Gate.from_pretrained(tmp_path / "g", loaded_models["llama"], ["qwen2", "llama"])
+    weights = tmp_path / "g" / gating.WEIGHTS_FILE
+    weights.write_bytes(weights.read_bytes()[:-4] + b"\0\0\0\0")
+    with pytest.raises(gating.GateLoadError, match="sha256"):
+        gating.Gate.from_pretrained(tmp_path / "g")
+    with pytest.raises(gating.GateLoadError, match="not a saved gate"):
+        gating.Gate.from_pretrained(tmp_path / "nothing")
+
+
+def result(ids, domains, correct):
+    r = McqResult("loglik")
+    r.ids, r.domains, r.correct = list(ids), list(domains), list(correct)
+    return r
+
+
+def test_prior_subsets_and_oracle():
+    ids, doms = ["a", "b", "c", "d"], ["bio", "bio", "geo", "geo"]
+    results = {
+        (): result(ids, doms, [False, False, True, False]),
+        ("x",): result(ids, doms, [True, False, False, False]),
+        ("y",): result(ids, doms, [False, False, True, False]),
+        ("x", "y"): result(ids, doms, [True, True, True, True]),
+    }
+    assert gating.prior_subsets(results) == {"bio": ("x", "y"), "geo": ("x", "y")}
+    del results[("x", "y")]
+    assert gating.prior_subsets(results) == {"bio": ("x",), "geo": ()}  # geo: () ties ("y",); smaller wins
+    assert gating.oracle_correct(results) == [True, False, True, False]
+    with pytest.raises(ValueError, match="different items"):
+        gating.oracle_correct({(): result(ids, doms, [True] * 4), ("x",): result(ids[::-1], doms, [True] * 4)})
+
+
+def test_prior_selection_per_domain(loaded_models):
+    items = [{"question_stem": "What colour does zorblat glow", "domain": "chem"},
+             {"question_stem": "Fox", "domain": "animals"},
+             {"question_stem": "Kevani river", "domain": "geo"}]
+    policy = gating.SubsetSelection({"chem": ["llama"], "animals": [], "geo": ["qwen2", "llama"]}, gating.domain_lookup(items))
+    w = policy(query(loaded_models, ["qwen2", "llama"]))
+    assert w.tolist() == [[1, 0, 1], [1, 0, 0], [1, 1, 1]]
+    with pytest.raises(ValueError, match="does not have"):
+        policy(query(loaded_models, ["qwen2"]))
+    with pytest.raises(KeyError, match="question_stem"):
+        gating.domain_lookup(items[:1])(PROMPTS[1])
+    # As an engine policy: the closed senders are not run for those queries.
+    eng = engine(loaded_models, ["qwen2", "llama"], policy=policy)
+    pre, _ = logits(eng, PROMPTS)
+    alone = federation.Standalone(loaded_models["qwen3"]).prefill(PROMPTS)
+    assert all(torch.equal(a[1], b[1]) for a, b in zip(pre.cache.values, alone.cache.values))
+
+
+@pytest.mark.parametrize("mode", ["residual", "concat"])
+def test_train_gate_learns_with_frozen_fusers(loaded_models, mode):
+    eng = engine(loaded_models, ["qwen2", "llama"], mode)
+    fuser_before = [p.detach().clone() for f in eng.fusers for p in f.parameters()]
+    gate = gating.Gate(gating.GateConfig.for_receiver(loaded_models["qwen3"], ["qwen2", "llama"], mode=mode, hidden=8))
+    records = [[{"role": "user", "content": f"Fox {i}?"}, {"role": "assistant", "content": "blue"}] for i in range(4)]
+    res = gating.train_gate(eng, gate, records, TrainConfig(lr=5e-2, batch_size=2, epochs=4, warmup_ratio=0.0,
+                                                            progress=False))
+    assert res.steps == 8 and res.losses[-1] < res.losses[0]
+    assert all(torch.equal(a, b) for a, b in zip(fuser_before, (p for f in eng.fusers for p in f.parameters())))
+    w = gating.LearnedGate(gate)(query(loaded_models, ["qwen2", "llama"]))
+    assert not torch.equal(w, torch.ones_like(w))

@@ -1,0 +1,216 @@
+"""Multi-sender FedRefine (issue 6): residual and concat fusion, closed sources, hub errors."""
+
+import pytest
+import torch
+
+from fedrefine_lib import evaluate, federation, gating, train
+from fedrefine_lib.concat import ConcatFuser
+from fedrefine_lib.fuser import C2CFuser, FuserConfig, FuserLoadError
+from fedrefine_lib.hub import FuserHub, MissingFuserError
+
+PROMPTS = [
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What colour does zorblat glow, and why?"}],
+    [{"role": "user", "content": "Fox?"}],
+    [{"role": "user", "content": "Kevani river flows through the northern valley of Tressa."}],
+]
+SENDERS = ("qwen2", "llama", "gemma3")  # same tokenizer, own tokenizer, sliding-window layers
+
+
+def random_fuser(loaded_models, sender, receiver="qwen3", cls=C2CFuser, seed=0):
+    torch.manual_seed(seed)
+    fuser = cls(FuserConfig.for_pair(loaded_models[receiver], loaded_models[sender], hidden=16))
+    with torch.no_grad():
+        for p in fuser.parameters():
+            p.normal_(0, 0.3)
+    fuser.eval().set_gates(True)
+    return fuser
+
+
+def engine(loaded_models, senders, mode="residual", receiver="qwen3", **kw):
+    cls = ConcatFuser if mode == "concat" else C2CFuser
+    fusers = {s: random_fuser(loaded_models, s, receiver, cls, seed=sorted(loaded_models).index(s)) for s in senders}
+    return federation.FedRefine(loaded_models[receiver], [loaded_models[s] for s in senders], fusers, mode=mode, **kw)
+
+
+class Fixed:
+    """A policy returning given weights (rows of the batch, columns own + senders)."""
+
+    name = "fixed"
+
+    def __init__(self, weights):
+        self.w = torch.as_tensor(weights, dtype=torch.float32)
+
+    def __call__(self, query):
+        return self.w[: len(query.messages_batch)]
+
+
+def logits(eng, prompts):
+    with torch.no_grad():
+        pre = eng.prefill(prompts)
+        return pre, federation.continue_prefill(eng.receiver.model, pre)[:, -1]
+
+
+def test_equal_weight_residual_with_one_sender_is_c2c(loaded_models):
+    multi = engine(loaded_models, ["llama"])
+    c2c = federation.C2C(multi.receiver, multi.senders[0], multi.fusers[0])
+    (a, la), (b, lb) = logits(multi, PROMPTS), logits(c2c, PROMPTS)
+    assert all(torch.equal(x, y) for x, y in zip(a.cache.keys + a.cache.values, b.cache.keys + b.cache.values))
+    assert torch.equal(la, lb) and a.trace.bytes == b.trace.bytes
+    assert {"tokenize", "receiver_prefill", "gating", "alignment", "sender_prefill", "projection", "combine"} == set(a.trace.seconds)
+
+
+@pytest.mark.parametrize("mode", ["residual", "concat"])
+def test_closed_source_has_no_effect(loaded_models, mode):
+    """Gate weight 0 for a sender == the engine without that sender, bit for bit; it is
+    not run and sends nothing."""
+    gate = gating.Gate(gating.GateConfig.for_receiver(loaded_models["qwen3"], ["qwen2", "llama"]))
+    with torch.no_grad():
+        gate.out.weight.normal_(0, 1.0)
+    learned = gating.LearnedGate(gate)
+
+    def closing_llama(query):
+        w = learned(query).clone()
+        w[:, query.senders.index("llama") + 1] = 0.0
+        return w
+
+    both = engine(loaded_models, ["qwen2", "llama"], mode, policy=closing_llama)
+    alone = engine(loaded_models, ["qwen2"], mode, policy=learned)
+    (a, la), (b, lb) = logits(both, PROMPTS), logits(alone, PROMPTS)
+    assert all(torch.equal(x, y) for x, y in zip(a.cache.keys + a.cache.values, b.cache.keys + b.cache.values))
+    assert torch.equal(la, lb)
+    assert set(a.trace.bytes) == {"qwen2->qwen3"} and a.trace.bytes == b.trace.bytes
+    assert federation.generate(both, PROMPTS, 4)[0] == federation.generate(alone, PROMPTS, 4)[0]
+    # The gate's weights for the open sender did shape the cache (not a trivially equal test).
+    equal = engine(loaded_models, ["qwen2"], mode)
+    assert not torch.allclose(logits(equal, PROMPTS)[1], lb)
+
+
+def test_closed_source_per_query_residual(loaded_models):
+    """Closing a sender for one query of a batch leaves that query exactly as without it,
+    and only the queries it serves count on its link."""
+    w = [[1.0, 0.7, 1.3], [1.0, 0.7, 0.0], [1.0, 0.7, 0.5]]
+    both = engine(loaded_models, ["qwen2", "llama"], policy=Fixed(w))
+    alone = engine(loaded_models, ["qwen2"], policy=Fixed([r[:2] for r in w]))
+    (a, _), (b, _) = logits(both, PROMPTS), logits(alone, PROMPTS)
+    for x, y in zip(a.cache.keys + a.cache.values, b.cache.keys + b.cache.values):
+        assert torch.equal(x[1], y[1]) and not torch.equal(x[0], y[0])
+    c2c = federation.C2C(both.receiver, both.senders[1], both.fusers[1])
+    lengths = c2c.aligner(PROMPTS, both.receiver.tokenizer, both.senders[1].tokenizer).sender_mask.sum(1)
+    cfg = both.senders[1].model.config
+    from fedrefine_lib import kv
+
+    assert a.trace.bytes["llama->qwen3"] == sum(kv.kv_bytes(cfg, int(n)) for i, n in enumerate(lengths) if i != 1)
+
+
+def test_concat_with_no_open_sender_is_the_receiver_alone(loaded_models):
+    closed = engine(loaded_models, ["llama"], "concat", policy=Fixed([[1.0, 0.0]] * 3))
+    (a, la), (b, lb) = logits(closed, PROMPTS), logits(federation.Standalone(closed.receiver), PROMPTS)
+    assert a.prefix_mask.shape == (3, 0) and torch.equal(la, lb)
+    # Closed for one query only: its sender block is masked, the query reads as alone.
+    partly = engine(loaded_models, ["llama"], "concat", policy=Fixed([[1.0, 1.0], [1.0, 0.0], [1.0, 1.0]]))
+    p, lp = logits(partly, PROMPTS)
+    assert p.prefix_mask[1].sum() == 0 and p.prefix_mask[0].sum() > 0
+    torch.testing.assert_close(lp[1], lb[1], atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(lp[0], lb[0])
+
+
+def rephrase(text: str) -> str:
+    return text.replace("What", "Which thing").replace("river", "stream")
+
+
+VIEWS = {
+    "qwen2": lambda batch: [[{**m, "content": rephrase(m["content"])} for m in chat] for chat in batch],
+    "llama": lambda batch: [chat[-1:] + [{"role": "user", "content": "In short."}] for chat in batch],
+}
+
+
+@pytest.mark.parametrize("receiver,senders", [("qwen3", ["qwen2", "llama"]), ("qwen3", ["gemma3", "llama"]),
+                                              ("gemma3", ["llama", "qwen2"]), ("llama", ["qwen3"])])
+def test_concat_senders_on_different_texts_batched_equals_per_sample(loaded_models, receiver, senders):
+    views = {s: VIEWS.get(s, VIEWS["qwen2"]) for s in senders}
+    eng = engine(loaded_models, senders, "concat", receiver=receiver, sender_views=views)
+    pre, batch_logits = logits(eng, PROMPTS)
+    assert pre.cache.seq_len == pre.prefix_mask.shape[1] + pre.input_ids.shape[1] - 1
+    texts, trace = federation.generate(eng, PROMPTS, max_new_tokens=6)
+    assert set(trace.bytes) == {f"{s}->{receiver}" for s in senders}
+    for b, prompt in enumerate(PROMPTS):
+        one, lo = logits(eng, [prompt])
+        torch.testing.assert_close(batch_logits[b : b + 1], lo, atol=1e-5, rtol=1e-4)
+        assert federation.generate(eng, [prompt], max_new_tokens=6)[0] == [texts[b]]
+    # The senders really read their own texts: another view changes the result.
+    plain = engine(loaded_models, senders, "concat", receiver=receiver)
+    assert not torch.allclose(logits(plain, PROMPTS)[1], batch_logits)
+
+
+@pytest.mark.parametrize("mode", ["residual", "concat"])
+def test_residual_batched_equals_per_sample_and_scores(loaded_models, mode):
+    eng = engine(loaded_models, ["qwen2", "llama", "gemma3"], mode, policy=Fixed([[1.0, 0.5, 1.0, 0.0]] * 3))
+    _, batch_logits = logits(eng, PROMPTS)
+    for b, prompt in enumerate(PROMPTS):
+        torch.testing.assert_close(batch_logits[b : b + 1], logits(eng, [prompt])[1], atol=1e-5, rtol=1e-4)
+    items = [{"id": f"q{i}", "question_stem": s, "answerKey": "B", "domain": "x",
+              "choices": {"label": ["A", "B"], "text": ["blue", "red"]}} for i, s in enumerate(["Glow?", "Flows?", "Jumps?"])]
+    result = evaluate.score_mcq(eng, items, batch_size=2, progress=False)
+    assert result.accuracy().n == 3 and set(result.trace.bytes) == {"qwen2->qwen3", "llama->qwen3"}
+    one = evaluate.score_mcq(eng, items[2:], progress=False)
+    assert one.scores[0] == pytest.approx(result.scores[2], abs=1e-4)
+
+
+def test_hub_missing_pair_is_named(loaded_models, tmp_path):
+    hub = FuserHub(tmp_path / "hub")
+    r = loaded_models["qwen3"]
+    fuser = random_fuser(loaded_models, "qwen2")
+    hub.put(fuser, train.TrainResult([1.0], {}, 1, 0.0), {"test": 1})
+    eng = federation.FedRefine(r, [loaded_models["qwen2"]], hub)
+    assert torch.equal(eng.fusers[0].gate_logits, fuser.gate_logits)
+    with pytest.raises(MissingFuserError, match=r"llama->qwen3/default.*train_missing"):
+        federation.FedRefine(r, [loaded_models["qwen2"], loaded_models["llama"]], hub)
+    with pytest.raises(MissingFuserError, match=r"qwen2->qwen3/concat"):
+        federation.FedRefine(r, [loaded_models["qwen2"]], hub, mode="concat")
+    concat = random_fuser(loaded_models, "qwen2", cls=ConcatFuser)
+    hub.put(concat, train.TrainResult([1.0], {}, 1, 0.0), {"test": 1}, variant="concat")
+    eng = federation.FedRefine(r, [loaded_models["qwen2"]], hub, mode="concat")
+    assert isinstance(eng.fusers[0], ConcatFuser)
+    with pytest.raises(ValueError, match="concat fuser"):
+        federation.FedRefine(r, [loaded_models["qwen2"]], {"qwen2": concat}, mode="residual")
+    with pytest.raises(KeyError, match="llama->qwen3"):
+        federation.FedRefine(r, [loaded_models["llama"]], {"qwen2": fuser})
+
+
+def test_concat_fuser_save_load_strict(loaded_models, tmp_path):
+    fuser = random_fuser(loaded_models, "llama", cls=ConcatFuser)
+    fuser.save_pretrained(tmp_path / "c")
+    back = ConcatFuser.from_pretrained(tmp_path / "c", loaded_models["qwen3"], loaded_models["llama"])
+    assert all(torch.equal(a, b) for a, b in zip(fuser.state_dict().values(), back.state_dict().values()))
+    random_fuser(loaded_models, "llama").save_pretrained(tmp_path / "r")
+    with pytest.raises(FuserLoadError, match="C2CFuser.from_pretrained"):
+        ConcatFuser.from_pretrained(tmp_path / "r")
+    with pytest.raises(FuserLoadError, match="does not match"):
+        C2CFuser.from_pretrained(tmp_path / "c")
+
+
+def test_concat_fuser_trains_with_the_one_training_loop(loaded_models, monkeypatch):
+    """``train.train_fuser`` trains a ConcatFuser once it builds the fuser's own engine
+    (the hook the lead adds to train.py, emulated here)."""
+    r, s = loaded_models["qwen3"], loaded_models["llama"]
+    fuser = ConcatFuser(FuserConfig.for_pair(r, s, hidden=8, gate_init=2.0))
+    monkeypatch.setattr(train, "C2C", lambda receiver, sender, wrapped, aligner=None:
+                        fuser.make_engine(receiver, sender, wrapped, aligner))
+    records = [[{"role": "user", "content": f"Fox {i}?"}, {"role": "assistant", "content": "blue"}] for i in range(4)]
+    before = [p.detach().clone() for p in fuser.parameters()]
+    result = train.train_fuser(r, s, fuser, records, train.TrainConfig(lr=1e-2, batch_size=2, epochs=2, cpu=True,
+                                                                        cache_prompts=True, progress=False))
+    assert result.steps == 4 and all(torch.isfinite(torch.tensor(result.losses)))
+    assert any(not torch.equal(a, b) for a, b in zip(before, fuser.parameters()))
+
+
+def test_reused_caches_keep_their_trace(loaded_models):
+    eng = engine(loaded_models, ["qwen2", "llama"])
+    with torch.no_grad():
+        caches = eng.prompt_caches(PROMPTS)
+        before = dict(caches.trace.seconds)
+        a, b = eng.fuse(caches), eng.fuse(caches)
+    assert caches.trace.seconds == before and "projection" not in before
+    assert set(a.trace.seconds) - set(before) == {"gating", "projection", "combine"}
+    assert a.trace.total_seconds == pytest.approx(sum(a.trace.seconds.values()))
+    assert all(torch.equal(x, y) for x, y in zip(a.cache.values, b.cache.values))
