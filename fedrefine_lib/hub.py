@@ -21,9 +21,11 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .fuser import C2CFuser, FuserConfig
+from .concat import ConcatFuser
+from .fuser import CONFIG_FILE, C2CFuser, FuserConfig
 from .train import Record, TrainConfig, TrainResult, train_fuser
 
+FUSER_CLASSES: dict[str, type[C2CFuser]] = {"residual": C2CFuser, "concat": ConcatFuser}
 INDEX_FILE = "index.json"
 TRAIN_FILE = "train.json"
 _VOLATILE = {"progress", "loss_curve_path"}  # training settings that do not change the result
@@ -45,6 +47,15 @@ def recipe(fuser_config: FuserConfig, train_config: TrainConfig, data_hash: str)
     """What determines a trained fuser, as JSON-ready data."""
     train = {k: v for k, v in train_config.to_dict().items() if k not in _VOLATILE}
     return {"fuser": fuser_config.to_dict(), "train": train, "data": data_hash}
+
+
+def fuser_class(directory: Path) -> type[C2CFuser]:
+    """The fuser class a saved fuser directory holds (by the ``kind`` in its config JSON)."""
+    path = directory / CONFIG_FILE
+    kind = json.loads(path.read_text()).get("kind", "residual") if path.is_file() else "residual"
+    if kind not in FUSER_CLASSES:
+        raise ValueError(f"{path}: unknown fuser kind {kind!r}; known: {sorted(FUSER_CLASSES)}.")
+    return FUSER_CLASSES[kind]
 
 
 class FuserHub:
@@ -91,7 +102,8 @@ class FuserHub:
                 "Train it with FuserHub.train_missing(...) or FuserHub.get_or_train(...)."
             )
         models = (receiver, sender) if hasattr(sender, "model") and hasattr(receiver, "model") else (None, None)
-        return C2CFuser.from_pretrained(self.pair_dir(s_name, r_name, variant), *models)
+        directory = self.pair_dir(s_name, r_name, variant)
+        return fuser_class(directory).from_pretrained(directory, *models)
 
     def training(self, sender: str, receiver: str, variant: str = "default") -> dict[str, Any]:
         """The stored training record (loss curve, configs) of a fuser."""
@@ -124,13 +136,14 @@ class FuserHub:
 
     def get_or_train(
         self, receiver, sender, records: Sequence[Record], *, variant: str = "default",
-        train_config: TrainConfig | None = None, **fuser_options: Any,
+        train_config: TrainConfig | None = None, kind: str = "residual", **fuser_options: Any,
     ) -> tuple[C2CFuser, dict[str, Any]]:
         """F_{sender->receiver} made by this recipe: loaded if stored, else trained and stored.
 
         Args:
             receiver, sender: ``LoadedModel``s.
             records: fuser-training chat records.
+            kind: ``"residual"`` (C2C) or ``"concat"`` (``concat.ConcatFuser``).
             fuser_options: passed to ``FuserConfig.for_pair`` (``layer_map``, ``aligner``,
                 ``hidden``, ``depth``, ...).
         Returns:
@@ -138,10 +151,10 @@ class FuserHub:
         """
         train_config = train_config or TrainConfig()
         config = FuserConfig.for_pair(receiver, sender, **fuser_options)
-        wanted = recipe(config, train_config, records_hash(records))
+        wanted = {**recipe(config, train_config, records_hash(records)), "kind": kind}
         if not self.has(sender.name, receiver.name, variant, wanted):
             torch.manual_seed(train_config.seed)  # the fuser's initial weights are part of the recipe
-            fuser = C2CFuser(config)
+            fuser = FUSER_CLASSES[kind](config)
             result = train_fuser(receiver, sender, fuser, records, replace(train_config, loss_curve_path=None),
                                  aligner=config.aligner)
             self.put(fuser.eval(), result, wanted, variant)
@@ -149,7 +162,8 @@ class FuserHub:
 
     def train_missing(
         self, load: Callable[[str], Any], pairs: Sequence[tuple[str, str]], records: Sequence[Record], *,
-        variant: str = "default", train_config: TrainConfig | None = None, **fuser_options: Any,
+        variant: str = "default", train_config: TrainConfig | None = None, kind: str = "residual",
+        **fuser_options: Any,
     ) -> list[str]:
         """Train every ``(sender, receiver)`` pair not yet stored with this recipe.
 
@@ -164,9 +178,10 @@ class FuserHub:
         for sender, receiver in tqdm(pairs, desc="fuser hub"):
             r, s = load(receiver), load(sender)
             config = FuserConfig.for_pair(r, s, **fuser_options)
-            wanted = recipe(config, train_config or TrainConfig(), records_hash(records))
+            wanted = {**recipe(config, train_config or TrainConfig(), records_hash(records)), "kind": kind}
             if not self.has(sender, receiver, variant, wanted):
-                self.get_or_train(r, s, records, variant=variant, train_config=train_config, **fuser_options)
+                self.get_or_train(r, s, records, variant=variant, train_config=train_config, kind=kind,
+                                  **fuser_options)
                 trained.append(self.key(sender, receiver, variant))
         return trained
 

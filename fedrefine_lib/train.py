@@ -214,7 +214,9 @@ def train_fuser(receiver, sender, fuser: torch.nn.Module, records: Sequence[Reco
     optimizer = torch.optim.AdamW(fuser.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(config.warmup_ratio * total), total)
     wrapped, optimizer = accelerator.prepare(fuser, optimizer)
-    engine = C2C(receiver, sender, wrapped, aligner=aligner)
+    # A fuser may bring its own engine (e.g. concat fusers); plain C2C otherwise.
+    make_engine = getattr(getattr(wrapped, "module", wrapped), "make_engine", None)
+    engine = make_engine(receiver, sender, wrapped, aligner) if make_engine else C2C(receiver, sender, wrapped, aligner=aligner)
     tok = receiver.tokenizer
 
     cached: dict[int, tuple[PromptCaches, torch.Tensor, torch.Tensor]] = {}

@@ -45,3 +45,14 @@ def test_missing_pair_error_names_it(tmp_path, pair):
     hub = FuserHub(tmp_path / "hub")
     with pytest.raises(MissingFuserError, match="tiny-qwen3->tiny-llama.*train_missing"):
         hub.get(receiver, sender)
+
+
+def test_hub_stores_concat_fusers_by_kind(tmp_path, pair):
+    from fedrefine_lib.concat import ConcatFuser
+
+    receiver, sender = pair
+    hub = FuserHub(tmp_path / "hub")
+    cfg = TrainConfig(lr=1e-2, max_steps=1, batch_size=3, progress=False)
+    fuser, _ = hub.get_or_train(receiver, sender, RECORDS, variant="concat", kind="concat", train_config=cfg, hidden=8)
+    assert isinstance(fuser, ConcatFuser) and isinstance(hub.get(sender, receiver, "concat"), ConcatFuser)
+    assert not isinstance(hub.get_or_train(receiver, sender, RECORDS, train_config=cfg, hidden=8)[0], ConcatFuser)
