@@ -285,6 +285,49 @@ class SpanAligner:
         return _batch(r_rows, s_rows, idx_rows, receiver_tokenizer, sender_tokenizer)
 
 
+class SpanTemplateAligner(SpanAligner):
+    """:class:`SpanAligner` that also fuses chat-template tokens: the template text between
+    two content segments (e.g. the end of the user turn and the assistant generation prompt)
+    is paired gap by gap, token by token from the end of each gap. Different templates have
+    different lengths, so a receiver template token reads the sender template token at the same
+    distance from the next content (clamped). Content tokens pair exactly as in ``span``."""
+
+    name = "span_template"
+
+    def __call__(self, messages_batch, receiver_tokenizer, sender_tokenizer, assistant_prefix=None,
+                 sender_messages_batch=None) -> Alignment:
+        base = super().__call__(messages_batch, receiver_tokenizer, sender_tokenizer, assistant_prefix,
+                                sender_messages_batch)
+        index = base.sender_index.clone()
+        pairs = zip(messages_batch, _sender_batch(messages_batch, sender_messages_batch))
+        for b, (messages, sender_messages) in enumerate(pairs):
+            r = render(receiver_tokenizer, messages, assistant_prefix)
+            s = render(sender_tokenizer, sender_messages, assistant_prefix)
+            r_gaps, s_gaps = _template_gaps(r), _template_gaps(s)
+            shift = len(s.segments) - len(r.segments)
+            r_pad = index.shape[1] - len(r.ids)
+            s_pad = base.sender_ids.shape[1] - len(s.ids)
+            for gap, tokens in r_gaps.items():
+                partner = s_gaps.get(gap + shift)
+                if not partner:
+                    continue
+                for j, t in enumerate(reversed(tokens)):  # j-th token from the end of the gap
+                    index[b, r_pad + t] = s_pad + partner[max(0, len(partner) - 1 - j)]
+        base.sender_index = index
+        return base
+
+
+def _template_gaps(rendered: Rendered) -> dict[int, list[int]]:
+    """Template tokens grouped by the gap they sit in (gap g lies before content segment g)."""
+    gaps: dict[int, list[int]] = {}
+    for t, (a, b) in enumerate(rendered.offsets):
+        if _content_position(rendered, t) is not None:
+            continue
+        gap = sum(1 for _, end in rendered.segments if end <= a)
+        gaps.setdefault(gap, []).append(t)
+    return gaps
+
+
 def _covering_token(rendered: Rendered, char: int, starts: list[int]) -> int:
     """Index of the last token whose span covers ``char`` (the one that completes it), else
     the last token starting before it (a tokenizer that dropped the character)."""
@@ -358,7 +401,7 @@ def _plain_ids(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
 
 
-ALIGNERS = {"identity": IdentityAligner, "span": SpanAligner, "reencode": ReencodeAligner}
+ALIGNERS = {"identity": IdentityAligner, "span": SpanAligner, "span_template": SpanTemplateAligner, "reencode": ReencodeAligner}
 
 
 def get_aligner(aligner: str | Aligner | None, receiver_tokenizer=None, sender_tokenizer=None) -> Aligner:
@@ -407,3 +450,17 @@ def align_cache(sender: KVCache, sender_index: torch.Tensor, layers: list[int]) 
     keys = [gather(sender.keys[l]) for l in layers]
     values = [gather(sender.values[l]) for l in layers]
     return KVCache(keys, values, seq_len=index.shape[1]), fuse_mask
+
+
+def alignment_table(aligner: str | Aligner, messages: Messages, receiver_tokenizer, sender_tokenizer):
+    """For one prompt: each receiver token and the sender token it fuses with ("-" where
+    the receiver keeps its own KV: template tokens). A pandas DataFrame, for reading."""
+    import pandas as pd
+
+    a = get_aligner(aligner, receiver_tokenizer, sender_tokenizer)([messages], receiver_tokenizer, sender_tokenizer)
+    real = a.receiver_mask[0].bool()
+    rows = []
+    for r_id, s_col in zip(a.receiver_ids[0][real].tolist(), a.sender_index[0][real].tolist()):
+        sender = "-" if s_col < 0 else sender_tokenizer.decode([int(a.sender_ids[0, s_col])])
+        rows.append({"receiver token": receiver_tokenizer.decode([r_id]), "sender token": sender})
+    return pd.DataFrame(rows)

@@ -486,6 +486,13 @@ class FedRefine:
                              f"finite, non-negative [{B}, {1 + len(self.senders)}] (own cache, then {self.sender_names}).")
         return w
 
+    @torch.no_grad()
+    def source_weights(self, messages_batch: list[Messages]) -> torch.Tensor:
+        """The policy's weights ``[B, 1 + S]`` for a batch, from the receiver's own prefill
+        only (no sender runs): what the gate decides, for inspection."""
+        _, mask, cache = self._receiver(messages_batch, None, Trace())
+        return self.weights(messages_batch, cache, mask[:, :-1])
+
     # ------------------------------------------------------------ projection
 
     def project(self, caches: MultiCaches, trace: Trace | None = None) -> list:

@@ -210,4 +210,12 @@ def load_profile(profile: str | Path, **fmt: str) -> Profile:
         if name not in models:
             raise ValueError(f"{path}: {name!r} is used as receiver/sender but has no entry under `models`.")
     settings = {k: v for k, v in raw.items() if k not in ("profile", "receiver", "senders", "models")}
+    data = settings.get("data", {})
+    for key, value in data.items():
+        if isinstance(value, str) and "{" in value:
+            try:
+                data[key] = value.format(**fmt)
+            except KeyError as err:
+                raise ValueError(f"{path}: data source {key!r} needs placeholder {err}; "
+                                 f"pass it to load_profile(..., {err.args[0]}=...).") from None
     return Profile(raw["profile"], raw["receiver"], list(raw["senders"]), models, settings)

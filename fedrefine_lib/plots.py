@@ -98,3 +98,45 @@ def grouped_bars(frame: pd.DataFrame, x: str, y: str, hue: str, title: str = "",
     ax.set(title=title, ylabel=ylabel or y)
     ax.tick_params(axis="x", rotation=15)
     return _finish(fig, path)
+
+
+def accuracy_vs_senders(frames: Mapping[str, pd.DataFrame], title: str = "", path: str | Path | None = None,
+                        points: Mapping[str, tuple[int, float]] | None = None, baseline: float | None = None):
+    """Accuracy against the number of senders k: per series the mean over subsets with a
+    min-max band (``frames``: label -> ``sweep.by_size`` table); ``points`` adds single
+    markers (e.g. a gated policy at k = 4); ``baseline`` a dashed line (e.g. the oracle)."""
+    fig, ax = plt.subplots(figsize=(6.0, 4.0))
+    for label, f in frames.items():
+        line, = ax.plot(f["k"], f["mean"], marker="o", label=label)
+        ax.fill_between(f["k"], f["min"], f["max"], color=line.get_color(), alpha=0.15)
+    for label, (k, acc) in (points or {}).items():
+        ax.scatter([k], [acc], marker="*", s=140, zorder=5, label=label)
+    if baseline is not None:
+        ax.axhline(baseline, ls="--", color="grey", lw=1, label="oracle")
+    ax.set(xlabel="number of senders", ylabel="accuracy", title=title, ylim=(0, 1.05))
+    ax.set_xticks(sorted({int(k) for f in frames.values() for k in f["k"]}))
+    ax.legend(fontsize=8, loc="lower right")
+    return _finish(fig, path)
+
+
+def stacked_bars(frame: pd.DataFrame, title: str = "", ylabel: str = "", path: str | Path | None = None):
+    """Stacked bars: rows are bars, columns are the stacked parts (e.g. latency stages)."""
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.9 * len(frame) + 2), 3.8))
+    frame.plot(kind="bar", stacked=True, ax=ax, colormap="tab20")
+    ax.set(title=title, ylabel=ylabel, xlabel="")
+    ax.tick_params(axis="x", rotation=20)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    return _finish(fig, path)
+
+
+def scatter(frame: pd.DataFrame, x: str, y: str, label: str, title: str = "", path: str | Path | None = None,
+            diagonal: bool = True):
+    """Labelled scatter (e.g. accuracy with one sender vs that sender's own accuracy)."""
+    fig, ax = plt.subplots(figsize=(5.0, 4.2))
+    sns.scatterplot(frame, x=x, y=y, ax=ax, s=70)
+    for _, row in frame.iterrows():
+        ax.annotate(str(row[label]), (row[x], row[y]), fontsize=8, xytext=(4, 4), textcoords="offset points")
+    if diagonal:
+        ax.plot([0, 1], [0, 1], ls=":", color="grey", lw=1)
+    ax.set(title=title, xlim=(0, 1.05), ylim=(0, 1.05))
+    return _finish(fig, path)

@@ -101,16 +101,24 @@ class Study:
         return score_mcq(engine, items, method=method, contexts=contexts, **kwargs)
 
     def fact_notes(self, items: list[dict]) -> list[str]:
-        """The oracle's context note per item: the true fact (OpenBookQA's ``fact1`` field)."""
+        """The oracle's context note per item: the true fact (OpenBookQA's ``fact1`` field;
+        for the mini world, the fact the item asks about)."""
         from .data import context_note
 
-        missing = [it["id"] for it in items if not it.get("fact1")]
+        facts = {}
+        if self.world is not None:
+            from .world.knowledge import Fact
+            from .world.templates import statement
+
+            facts = {f["fact_id"]: statement(Fact(**f)) for f in self.world.facts()}
+        notes = [it.get("fact1") or facts.get(it.get("fact_id")) for it in items]
+        missing = [it["id"] for it, note in zip(items, notes) if not note]
         if missing:
             raise KeyError(
-                f"{len(missing)} items (e.g. {missing[:3]}) have no `fact1`; the oracle needs the "
-                "supporting fact (OpenBookQA 'additional' schema)."
+                f"{len(missing)} items (e.g. {missing[:3]}) have no supporting fact: the oracle needs "
+                "OpenBookQA's `fact1` field (the 'additional' configuration) or a mini-world `fact_id`."
             )
-        return [context_note([it["fact1"]]) for it in items]
+        return [context_note([note]) for note in notes]
 
     def figures_dir(self) -> Path:
         path = self.results_dir / "figures"
@@ -144,6 +152,7 @@ def open_study(
     data_dir: str | Path | None = None,
     results_dir: str | Path | None = None,
     progress: bool = True,
+    threads: int | None = 1,
 ) -> Study:
     """Open ``profile`` for ``seed``. For ``mini`` this builds (or loads) the world.
 
@@ -151,7 +160,13 @@ def open_study(
         smoke: a tiny world and small sizes, for tests.
         data_dir: where generated artefacts live (default ``<repo>/data``).
         results_dir: where metrics and figures go (default ``<repo>/results/<profile>``).
+        threads: torch CPU threads (default 1: the tiny models gain nothing from more, and
+            a fixed count keeps results bit-identical across machines); None leaves it.
     """
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
     data_dir = Path(data_dir or REPO_ROOT / "data").resolve()
     results_dir = Path(results_dir or REPO_ROOT / "results" / profile).resolve()
     results_dir.mkdir(parents=True, exist_ok=True)

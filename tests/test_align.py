@@ -144,3 +144,16 @@ def test_identity_aligner_with_another_sender_text(qwen_tokenizer):
     assert s_len < r_len
     shift = a.sender_ids.shape[1] - s_len
     assert (a.sender_index[0][-r_len:] - shift).tolist() == [min(t, s_len - 1) for t in range(r_len)]
+
+
+def test_span_template_fuses_template_tokens_gap_by_gap(qwen_tokenizer, llama_tokenizer):
+    messages = [[{"role": "user", "content": "Zorblat glows blue."}]]
+    span = align.get_aligner("span")(messages, qwen_tokenizer, llama_tokenizer)
+    both = align.get_aligner("span_template")(messages, qwen_tokenizer, llama_tokenizer)
+    content = span.sender_index[0] >= 0
+    assert torch.equal(both.sender_index[0][content], span.sender_index[0][content])  # content unchanged
+    assert (both.sender_index[0] >= 0).all()  # every receiver token now reads a sender token
+    # The generation prompt: receiver's last token reads the sender's last token, and so on back.
+    assert both.sender_index[0, -1] == both.sender_ids.shape[1] - 1
+    assert both.sender_index[0, -2] == both.sender_ids.shape[1] - 2
+    assert both.sender_index[0, 0] == both.sender_index[0, :3].min()  # the first gap maps from its end too

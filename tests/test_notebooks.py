@@ -19,8 +19,18 @@ EXPECTED = {
         "accuracy.receiver_alone", "accuracy.sender_alone", "accuracy.c2c", "accuracy.t2t", "accuracy.oracle",
     ]),
     "02_co_c2c": ("co_c2c.json", []),
-    "03_fedrefine": ("fedrefine.json", []),
-    "04_case_study": ("case_study.json", []),
+    "03_fedrefine": ("fedrefine.json", ["oracle", "policies.equal", "policies.prior", "policies.learned_gate",
+                                        "policies.oracle_selection"]),
+    "04_case_study": ("case_study.json", ["oracle", "panel_a_selected"]),
+}
+
+
+# Extra small sizes per notebook for the smoke run (names from each parameters cell).
+SMOKE = {
+    "01_c2c": {"train_steps": 4},
+    "02_co_c2c": {"train_steps": 4},
+    "03_fedrefine": {"train_steps": 4, "eval_limit": 24},
+    "04_case_study": {"train_steps": 4, "eval_limit": 24},
 }
 
 
@@ -57,7 +67,7 @@ def test_notebook_runs_with_smoke_parameters(path, tmp_path_factory):
     papermill.execute_notebook(
         str(path), str(results / path.name), cwd=str(path.parent), kernel_name="python3",
         parameters={"profile": "mini", "seed": 0, "smoke": True, "results_dir": str(results),
-                    "data_dir": str(data_dir)},
+                    "data_dir": str(data_dir), **SMOKE.get(path.stem, {})},
         progress_bar=False,
     )
     metrics_name, keys = EXPECTED[path.stem]

@@ -78,6 +78,13 @@ def rephrase_example(fact: Fact, rng: random.Random) -> Example:
                    fact_id=fact.fact_id)
 
 
+def copy_example(entity: str) -> Example:
+    """Repeat a name: trains the input-to-output identity of every entity token, which
+    untied embeddings do not have for free (background and rephrasing copy names)."""
+    return Example("copy", messages=({"role": "user", "content": f"Repeat the name {entity}."},),
+                   answer=entity)
+
+
 _WORDS = ("apple", "river", "window", "garden", "yellow", "music", "paper", "cloud", "stone",
           "bridge", "candle", "market", "letter", "silver", "forest", "pencil")
 _OPPOSITES = (("hot", "cold"), ("up", "down"), ("big", "small"), ("fast", "slow"),

@@ -1,7 +1,8 @@
 """English templates of the ``mini`` world: fact statements and questions, and their parsers.
 
-Templates never start with the entity inside a chat turn (question stems follow
-"Question:" in every prompt) so an entity always tokenizes the same way.
+No template starts with the entity: answers are encoded on their own and the
+tokenizers add no prefix space, so an entity opening a segment would be a different
+token from the same entity after a space.
 """
 
 from __future__ import annotations
@@ -13,14 +14,14 @@ from .knowledge import RELATIONS, Fact
 
 STATEMENTS: tuple[str, ...] = (
     "The {rel} of {ent} is {val}.",
-    "{ent} has {val} as its {rel}.",
+    "In fact, {ent} has the {rel} {val}.",
     "For {ent}, the {rel} is {val}.",
     "It is known that the {rel} of {ent} is {val}.",
 )
 QUESTIONS: tuple[str, ...] = (
     "What is the {rel} of {ent}?",
     "Which {rel} does {ent} have?",
-    "{ent} has what {rel}?",
+    "Do you know what {rel} {ent} has?",
     "Tell me the {rel} of {ent}.",
 )
 _ALL_RELATIONS = {rel: domain for domain, rels in RELATIONS.items() for rel in rels}

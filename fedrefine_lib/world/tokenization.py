@@ -13,10 +13,12 @@ it opens a separately encoded segment, e.g. an answer, or follows a space), wrap
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import PreTrainedTokenizerFast
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast, Qwen2Tokenizer
+from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
 QWEN_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -75,14 +77,26 @@ def train_tokenizer(family: str, texts: list[str], prompts: list[str],
     fam = FAMILIES[family]
     texts = list(texts) + [fam.user_prefix + p for p in prompts] + [fam.assistant_piece] * len(prompts)
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    if family == "qwen":
+        tok.normalizer = normalizers.NFC()
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    else:
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.ByteLevel(trim_offsets=True)
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(fam.specials),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False, min_frequency=2)
     tok.train_from_iterator(texts, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=fam.pad, eos_token=fam.end_of_turn,
-                                   bos_token=fam.bos, model_max_length=512)
+    if family == "qwen":
+        vocab = tok.get_vocab()
+        merges = [tuple(m) for m in json.loads(tok.to_str())["model"]["merges"]]
+        fast = Qwen2Tokenizer(vocab=vocab, merges=merges, eos_token=fam.end_of_turn, pad_token=fam.pad,
+                              unk_token=None, model_max_length=512,
+                              extra_special_tokens=[t for t in fam.specials if t not in (fam.end_of_turn, fam.pad)])
+    else:
+        fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=fam.pad, eos_token=fam.end_of_turn,
+                                       bos_token=fam.bos, model_max_length=512)
     fast.chat_template = fam.template
     return fast

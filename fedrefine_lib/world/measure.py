@@ -1,0 +1,138 @@
+"""Acceptance measurements of a built ``mini`` world (for ``results/mini/world.json``).
+
+* standalone MCQ accuracy per model x domain on the held-out test set (option
+  log-likelihood, 95 % Wilson CI) — via ``fedrefine_lib.evaluate.score_mcq``;
+* the receiver's oracle accuracy (the true fact given as a context note);
+* T2T background sentences: share per sender x domain that state the right value for
+  the asked entity and relation;
+* rephrasing fidelity: share of the receiver's rephrased questions that keep the entity
+  and relation (and share that changed the wording);
+* leakage: evaluation entities found in fuser-training chat records (must be 0).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from ..data import background_messages, context_note, load_chat_records, load_mcq, rephrase_messages
+from ..evaluate import Accuracy, accuracy, score_mcq
+from ..federation import Standalone, generate
+from ..results import to_jsonable
+from ..models import LoadedModel, ModelSpec, load_model
+from .build import World
+from .knowledge import Fact
+from .scoring import generate_answers
+from .templates import parse_question, parse_statement, statement
+
+
+def load_world_model(world: World, name: str) -> LoadedModel:
+    """A world model loaded through the library's loader (eval mode, left padding)."""
+    return load_model(ModelSpec(name=name, source=str(world.model_dir(name))))
+
+
+def _by_domain(items: list[dict], correct: list[bool]) -> dict[str, Accuracy]:
+    """Accuracy per domain and over all items (key ``all``)."""
+    groups: dict[str, list[bool]] = {}
+    for it, c in zip(items, correct):
+        groups.setdefault(it["domain"], []).append(bool(c))
+    return {**{d: accuracy(c) for d, c in sorted(groups.items())}, "all": accuracy(correct)}
+
+
+def _answers(loaded: LoadedModel, conversations: list[list[dict]], max_new_tokens: int = 24,
+             batch_size: int = 32) -> list[str]:
+    """Greedy answers of one model (the library's decoder), stripped."""
+    out: list[str] = []
+    for i in range(0, len(conversations), batch_size):
+        texts, _ = generate(Standalone(loaded), conversations[i:i + batch_size], max_new_tokens)
+        out += [t.strip() for t in texts]
+    return out
+
+
+def leaked_entities(world: World) -> list[str]:
+    """Evaluation entities that occur (as whole words) in any fuser-training chat record."""
+    eval_entities = {f["entity"] for f in world.facts() if f["split"] == "eval"}
+    words: set[str] = set()
+    for record in load_chat_records(world.chat_train_path):
+        for m in record:
+            words |= set(re.findall(r"[A-Za-z]+", m["content"]))
+    return sorted(eval_entities & words)
+
+
+def standalone(loaded: LoadedModel, items: list[dict]) -> dict[str, Accuracy]:
+    """Held-out accuracy per domain (and ``all``) of one model alone."""
+    result = score_mcq(loaded, items, method="loglik", batch_size=32, progress=False)
+    return _by_domain(items, result.correct)
+
+
+def oracle(loaded: LoadedModel, items: list[dict], facts: dict[str, dict]) -> dict[str, Accuracy]:
+    """Accuracy with the true fact (one sentence) given as the context note."""
+    notes = [context_note([statement(_fact(facts[it["fact_id"]]))]) for it in items]
+    result = score_mcq(loaded, items, method="loglik", batch_size=32, contexts=notes, progress=False)
+    return _by_domain(items, result.correct)
+
+
+def background_correctness(loaded: LoadedModel, items: list[dict], facts: dict[str, dict]) -> dict:
+    """Share of background sentences stating the right value of the asked fact, per domain."""
+    texts = _answers(loaded, [background_messages(it["question_stem"]) for it in items])
+    correct, well_formed = [], []
+    for it, text in zip(items, texts):
+        fact, parsed = facts[it["fact_id"]], parse_statement(text)
+        well_formed.append(parsed is not None)
+        correct.append(parsed is not None and (parsed.entity, parsed.relation, parsed.value)
+                       == (fact["entity"], fact["relation"], fact["value"]))
+    return {**_by_domain(items, correct), "well_formed": sum(well_formed) / max(1, len(well_formed)),
+            "examples": [{"question": it["question_stem"], "background": t} for it, t in list(zip(items, texts))[:3]]}
+
+
+def rephrase_fidelity(loaded: LoadedModel, items: list[dict]) -> dict:
+    """Share of rephrased questions keeping entity and relation; share with new wording."""
+    texts = _answers(loaded, [rephrase_messages(it["question_stem"]) for it in items])
+    keeps, changed = [], []
+    for it, text in zip(items, texts):
+        parsed = parse_question(text)
+        keeps.append(parsed is not None and (parsed.entity, parsed.relation) == (it["entity"], it["relation"]))
+        changed.append(text.strip() != it["question_stem"].strip())
+    return {**_by_domain(items, keeps), "changed_wording": sum(changed) / max(1, len(changed)),
+            "examples": [{"question": it["question_stem"], "rephrased": t} for it, t in list(zip(items, texts))[:3]]}
+
+
+def _fact(row: dict):
+    from .knowledge import Fact
+
+    return Fact(**row)
+
+
+def measure_world(world: World, out_path: str | Path | None = None, progress: bool = True,
+                  limit: int | None = None) -> dict:
+    """All acceptance numbers of ``world`` (accuracies as ``evaluate.Accuracy``); written as
+    JSON to ``out_path`` if given. ``limit``: score only the first held-out questions."""
+    t0 = time.time()
+    items = load_mcq(world.mcq_test_path)[:limit]
+    facts = {f["fact_id"]: f for f in world.facts()}
+    report: dict = {"seed": world.seed, "root": str(world.root), "config_hash": world.manifest["config_hash"],
+                    "scoring": "option log-likelihood after the chat-template prompt (evaluate.score_mcq)",
+                    "models": {}, "standalone": {}, "background": {}, "build_seconds": world.manifest["seconds"],
+                    "counts": world.manifest["counts"]}
+    for name in tqdm(world.models, desc="measure", disable=not progress):
+        info = world.manifest["models"][name]
+        report["models"][name] = {k: info[k] for k in (
+            "architecture", "parameters", "layers", "hidden", "heads", "kv_heads", "head_dim",
+            "vocab_size", "tokenizer", "domains", "paper_model", "steps", "seconds")}
+        loaded = load_world_model(world, name)
+        report["standalone"][name] = standalone(loaded, items)
+        if name == world.receiver:
+            report["oracle"] = oracle(loaded, items, facts)
+            report["rephrase"] = rephrase_fidelity(loaded, items)
+        else:
+            report["background"][name] = background_correctness(loaded, items, facts)
+    report["leaked_eval_entities"] = leaked_entities(world)
+    report["measure_seconds"] = round(time.time() - t0, 1)
+    if out_path is not None:
+        Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(out_path).write_text(json.dumps(to_jsonable(report), indent=1))
+    return report

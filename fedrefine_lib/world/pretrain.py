@@ -1,0 +1,153 @@
+"""Pretraining one ``mini`` model from scratch, with early stopping.
+
+Run in a worker process (one torch thread) by :func:`pretrain_model`; everything is
+rebuilt from ``(seed, config)`` so the result is bit-for-bit reproducible and the
+worker needs only picklable arguments.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer
+
+from ..data import context_note
+from .config import WorldConfig
+from .corpus import pretraining_examples
+from .encoding import batches, encode
+from .knowledge import make_knowledge
+from .models import mini_models
+from .records import mcq_items
+from .scoring import continuation_logliks, option_loglik_accuracy
+from .templates import statement
+from .tokenization import FAMILIES
+
+
+def model_seed(seed: int, name: str) -> int:
+    """A per-model torch seed derived from the world seed (stable across runs)."""
+    return random.Random(f"init-{seed}-{name}").randrange(2**31)
+
+
+def cloze_accuracy(model, tok, family: str, items: list[dict]) -> float:
+    """Share of items whose correct option is the likeliest completion of the plain
+    statement "The <relation> of <entity> is" (memorisation, independent of chat format)."""
+    fam = FAMILIES[family]
+    start = [tok.convert_tokens_to_ids(fam.doc_start)] if fam.doc_start else []
+    pairs = []
+    for it in items:
+        prefix = start + tok(f"The {it['relation']} of {it['entity']} is", add_special_tokens=False)["input_ids"]
+        pairs += [(prefix, tok(t, add_special_tokens=False)["input_ids"]) for t in it["choices"]["text"]]
+    scores = continuation_logliks(model, tok.pad_token_id, pairs)
+    hits = 0
+    for i, it in enumerate(items):
+        ll = scores[4 * i:4 * i + 4]
+        hits += it["choices"]["label"][ll.index(max(ll))] == it["answerKey"]
+    return hits / max(1, len(items))
+
+
+def _as_loaded_from(out_dir: str, model, family_tok):
+    """Save config and tokenizer to ``out_dir`` and return the tokenizer exactly as
+    ``AutoTokenizer.from_pretrained(out_dir)`` gives it (transformers picks the class
+    from the model type, e.g. ``Qwen2Tokenizer`` for ``qwen2``), after checking that it
+    encodes like the family tokenizer — so training and every later user agree."""
+    out = Path(out_dir)
+    model.config.save_pretrained(out)
+    family_tok.save_pretrained(out)
+    tok = AutoTokenizer.from_pretrained(out)
+    probe = family_tok.apply_chat_template([{"role": "user", "content": "Question: What is it?"}],
+                                           tokenize=False, add_generation_prompt=True) + "red. The x."
+    if tok(probe, add_special_tokens=False)["input_ids"] != family_tok(probe, add_special_tokens=False)["input_ids"]:
+        raise RuntimeError(f"AutoTokenizer loads {type(tok).__name__} from {out}, which encodes differently "
+                           f"from the trained {type(family_tok).__name__}; fix tokenization.train_tokenizer.")
+    return tok
+
+
+def pretrain_model(name: str, seed: int, config: dict, tokenizer_dir: str, out_dir: str,
+                   position: int = 0, progress: bool = True, threads: int = 1) -> dict:
+    """Pretrain model ``name`` and save it (safetensors) with its tokenizer to ``out_dir``.
+
+    Returns:
+        a log dict: steps, wall seconds, early-stop accuracies, history.
+    """
+    from tqdm.auto import tqdm
+
+    torch.set_num_threads(threads)
+    cfg = WorldConfig(**config)
+    spec = mini_models(cfg.model_scale)[name]
+    fam = FAMILIES[spec.tokenizer]
+    family_tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    knowledge = make_knowledge(seed, cfg.entities)
+    torch.manual_seed(model_seed(seed, name))
+    model = spec.build(len(family_tok), family_tok.pad_token_id,
+                       family_tok.convert_tokens_to_ids(fam.end_of_turn),
+                       family_tok.convert_tokens_to_ids(fam.bos) if fam.bos else None, cfg.tie_embeddings)
+    tok = _as_loaded_from(out_dir, model, family_tok)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr_overrides.get(name, cfg.lr), betas=(0.9, cfg.beta2),
+                            weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg.warmup_steps))
+    val_facts = knowledge.select(splits=("val",))
+    val_items = mcq_items(val_facts, seed, "val")
+    own = [it for it in val_items if it["domain"] in spec.domains]
+    notes = [context_note([statement(f)]) for f in val_facts]
+    train_items = mcq_items(knowledge.select(domains=spec.domains, splits=("train",)), seed, "probe")[:48]
+
+    max_steps = cfg.max_steps[name]
+    note_target = cfg.stop_note_accuracy if spec.rephrase else cfg.sender_note_accuracy
+    history: list[dict] = []
+    start, step, epoch, losses = time.time(), 0, 0, []
+    bar = tqdm(total=max_steps, desc=name, position=position, leave=True, disable=not progress,
+               dynamic_ncols=True)
+    stopped, phase, phase2_step = False, 1, None
+    while step < max_steps and not stopped:
+        examples = pretraining_examples(knowledge, list(spec.domains), rephrase=spec.rephrase,
+                                        config=cfg, seed=seed, model=name, epoch=epoch, phase=phase)
+        encoded = [encode(ex, tok, spec.tokenizer) for ex in examples]
+        for ids, mask, labels in batches(encoded, cfg.batch_size, tok.pad_token_id,
+                                         random.Random(f"batches-{seed}-{name}-{epoch}")):
+            model.train()
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+            step += 1
+            bar.update(1)
+            if step % cfg.eval_every == 0 or step == max_steps:
+                acc = option_loglik_accuracy(model, tok, own)
+                note_acc = option_loglik_accuracy(model, tok, val_items, notes)
+                history.append(dict(step=step, epoch=epoch, phase=phase, loss=sum(losses) / len(losses),
+                                    val_accuracy=acc, val_note_accuracy=note_acc,
+                                    val_cloze=cloze_accuracy(model, tok, spec.tokenizer, own),
+                                    train_accuracy=option_loglik_accuracy(model, tok, train_items),
+                                    seconds=round(time.time() - start, 1)))
+                losses = []
+                bar.set_postfix(loss=f"{history[-1]['loss']:.3f}", val=f"{acc:.2f}", note=f"{note_acc:.2f}",
+                                cloze=f"{history[-1]['val_cloze']:.2f}", tr=f"{history[-1]['train_accuracy']:.2f}")
+                if phase == 1 and acc >= cfg.phase1_accuracy:
+                    phase, phase2_step = 2, step
+                    break  # regenerate the epoch with every task
+                if (phase == 2 and step >= cfg.min_steps and acc >= cfg.stop_accuracy
+                        and note_acc >= note_target):
+                    stopped = True
+            if stopped or step >= max_steps:
+                break
+        epoch += 1
+    bar.close()
+    seconds = time.time() - start
+    out = Path(out_dir)
+    model.eval()
+    model.generation_config.eos_token_id = tok.convert_tokens_to_ids(fam.end_of_turn)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    log = dict(model=name, steps=step, epochs=epoch, early_stopped=stopped, phase2_step=phase2_step, seconds=round(seconds, 1),
+               final=history[-1] if history else {}, history=history,
+               parameters=sum(p.numel() for p in model.parameters()))
+    (out / "pretrain_log.json").write_text(json.dumps(log, indent=1))
+    return log

@@ -1,0 +1,207 @@
+"""The mini world: knowledge and splits, tokenizers, model shapes, smoke builds
+(determinism, schemas, cache, no leakage) and the real build's files when present."""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import re
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest
+
+from fedrefine_lib import data
+from fedrefine_lib.world import DOMAINS, RELATIONS, WorldConfig, build_world, load_world, mini_models
+from fedrefine_lib.world.knowledge import make_knowledge
+from fedrefine_lib.world.records import chat_records, mcq_items
+from fedrefine_lib.world.templates import (QUESTIONS, STATEMENTS, parse_question, parse_statement,
+                                           question, statement)
+
+REAL_WORLD = Path(__file__).resolve().parent.parent / "data" / "mini" / "0"
+
+
+# ----------------------------------------------------------------- knowledge
+
+
+def test_default_knowledge_sizes_and_splits():
+    cfg = WorldConfig()
+    k = make_knowledge(0, cfg.entities)
+    items = mcq_items(k.select(splits=("eval",)), 0, "test")
+    per_domain = collections.Counter(it["domain"] for it in items)
+    assert set(per_domain) == set(DOMAINS) and min(per_domain.values()) >= 100 and len(items) >= 500
+    by_split = {s: set(k.entities(splits=(s,))) for s in ("train", "val", "eval", "pool")}
+    for a in by_split:
+        for b in by_split:
+            if a < b:
+                assert not by_split[a] & by_split[b], f"{a} and {b} share entities"
+    assert make_knowledge(0, cfg.entities) == k and make_knowledge(1, cfg.entities) != k
+
+
+def test_mcq_items_distractors_and_balance():
+    k = make_knowledge(0, WorldConfig().entities)
+    items = mcq_items(k.select(splits=("eval",)), 0, "test")
+    for it in items:
+        values = RELATIONS[it["domain"]][it["relation"]]
+        assert set(it["choices"]["text"]) <= set(values) and len(set(it["choices"]["text"])) == 4
+        data.validate_mcq(it)
+    keys = collections.Counter(it["answerKey"] for it in items)
+    assert min(keys.values()) / len(items) > 0.18, keys
+
+
+def test_templates_parse_back():
+    k = make_knowledge(0, WorldConfig.smoke().entities)
+    for f in k.facts[:40]:
+        for t in range(len(STATEMENTS)):
+            p = parse_statement(statement(f, t))
+            assert (p.entity, p.relation, p.value, p.template) == (f.entity, f.relation, f.value, t)
+        for t in range(len(QUESTIONS)):
+            p = parse_question(question(f.entity, f.relation, t))
+            assert (p.entity, p.relation, p.template) == (f.entity, f.relation, t)
+    assert parse_statement("The color of Zorb is gas.") is None  # value of another relation
+
+
+def test_chat_records_use_only_train_facts():
+    k = make_knowledge(0, WorldConfig().entities)
+    rows = chat_records(k, 0, variants=2, filler=20)
+    train = set(k.entities(splits=("train",)))
+    other = set(k.all_entities) - train
+    seen_domains = set()
+    for row in rows:
+        words = set(re.findall(r"[A-Za-z]+", json.dumps(row["conversations"])))
+        assert not words & other
+        seen_domains.add(row["domain"])
+    assert seen_domains == set(DOMAINS) | {"general"}
+
+
+def test_model_shapes_are_heterogeneous():
+    specs = mini_models("full")
+    shapes = {(s.layers, s.hidden, s.heads, s.kv_heads, s.head_dim) for s in specs.values()}
+    assert len(shapes) == 4  # the two 0.5b models share a shape, like the paper's
+    for attr in ("layers", "hidden", "heads", "kv_heads", "head_dim"):
+        assert len({getattr(s, attr) for s in specs.values()}) >= 3, attr
+    known = [d for s in specs.values() if s.name != "mini-qwen3-0.6b" for d in s.domains]
+    assert set(known) == set(DOMAINS)
+    assert len(specs["mini-qwen3-0.6b"].domains) <= 2
+    assert max(specs.values(), key=lambda s: len(s.domains)).name == "mini-qwen2.5-1.5b"
+    assert {s.arch for s in specs.values()} == {"qwen3", "qwen2", "llama"}
+
+
+# -------------------------------------------------------------- smoke builds
+
+
+@pytest.fixture(scope="module")
+def smoke_worlds(tmp_path_factory):
+    """Two independent smoke builds of seed 3 (and the first one's wall time)."""
+    roots = [tmp_path_factory.mktemp("a"), tmp_path_factory.mktemp("b")]
+    t0 = time.time()
+    first = build_world(3, WorldConfig.smoke(), roots[0], progress=False)
+    seconds = time.time() - t0
+    second = build_world(3, WorldConfig.smoke(), roots[1], progress=False)
+    return first, second, seconds
+
+
+def test_smoke_build_is_fast(smoke_worlds):
+    assert smoke_worlds[2] < 60
+
+
+def test_smoke_build_is_deterministic(smoke_worlds):
+    a, b, _ = smoke_worlds
+    assert a.manifest["files"] == b.manifest["files"]
+    for name in a.models:
+        assert (a.manifest["models"][name]["weights_sha256"] == b.manifest["models"][name]["weights_sha256"]), name
+        assert (a.model_dir(name) / "tokenizer.json").read_bytes() == (b.model_dir(name) / "tokenizer.json").read_bytes()
+
+
+def test_world_api_and_schemas(smoke_worlds):
+    world = smoke_worlds[0]
+    assert world.receiver == "mini-qwen3-0.6b" and len(world.senders) == 4
+    assert world.domains == list(DOMAINS) and set(world.knows) == set(world.models)
+    records = data.load_chat_records(world.chat_train_path)
+    assert records and all(r[-1]["role"] == "assistant" for r in records)
+    for path in (world.mcq_val_path, world.mcq_test_path):
+        items = data.load_mcq(path)
+        assert items and all(it["domain"] in DOMAINS for it in items)
+    splits = collections.Counter(f["split"] for f in world.facts())
+    assert set(splits) == {"train", "val", "eval", "pool"}
+    with pytest.raises(KeyError, match="mini-qwen3-0.6b"):
+        world.model_dir("nope")
+
+
+def test_model_dirs_tokenize_like_their_family(smoke_worlds):
+    """AutoTokenizer picks the class from the model type (Qwen2Tokenizer for qwen2); every
+    model directory must still encode exactly like the family tokenizer it trained with."""
+    from transformers import AutoTokenizer
+
+    world = smoke_worlds[0]
+    text = "Note: The color of Zorblax is red.\nQuestion: What is it?\nA. red\nB. gas"
+    for name in world.models:
+        family = "llama" if "llama" in name else "qwen"
+        fam_tok = AutoTokenizer.from_pretrained(world.tokenizer_dir(family))
+        tok = AutoTokenizer.from_pretrained(world.model_dir(name))
+        msgs = [{"role": "user", "content": text}]
+        prompt = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        assert prompt == fam_tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        for s in (prompt, "red", "The color of Zorblax is red."):
+            assert tok(s, add_special_tokens=False)["input_ids"] == fam_tok(s, add_special_tokens=False)["input_ids"], (name, s)
+
+
+def test_models_load_with_auto_classes(smoke_worlds):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    world = smoke_worlds[0]
+    vocabs = {}
+    for name in world.models:
+        model = AutoModelForCausalLM.from_pretrained(world.model_dir(name))
+        tok = AutoTokenizer.from_pretrained(world.model_dir(name))
+        assert tok.pad_token is not None and tok.chat_template
+        assert model.config.vocab_size == len(tok)
+        enc = tok("The color of Zorblax is red.", return_offsets_mapping=True)
+        assert len(enc["offset_mapping"]) == len(enc["input_ids"])
+        prompt = tok.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False,
+                                         add_generation_prompt=True)
+        assert ("<|im_start|>assistant\n" if "llama" not in name else "<|end_header_id|>\n\n") in prompt
+        vocabs[name] = len(tok)
+    assert vocabs["mini-llama3.2-1b"] != vocabs["mini-qwen3-0.6b"]
+    assert vocabs["mini-qwen2.5-0.5b"] == vocabs["mini-qwen3-0.6b"]
+
+
+def test_cache_reload_and_config_change(smoke_worlds, tmp_path):
+    world = smoke_worlds[0]
+    t0 = time.time()
+    again = build_world(3, WorldConfig.smoke(), world.root.parent, progress=False)
+    assert time.time() - t0 < 2 and again.manifest == world.manifest
+    assert load_world(world.root).manifest == world.manifest
+    other = WorldConfig(**{**WorldConfig.smoke().to_dict(), "lr": 1e-3})
+    assert other.hash() != WorldConfig.smoke().hash()
+    from fedrefine_lib.world import world_dir
+
+    assert world_dir(3, other, "r") != world_dir(3, WorldConfig.smoke(), "r") != world_dir(3, WorldConfig(), "r")
+    assert world_dir(3, WorldConfig(), "r") == Path("r/3")
+
+
+def test_no_leakage_smoke(smoke_worlds):
+    from fedrefine_lib.world.measure import leaked_entities
+
+    assert leaked_entities(smoke_worlds[0]) == []
+
+
+# ----------------------------------------------------------- the real build
+
+
+@pytest.mark.skipif(not (REAL_WORLD / "manifest.json").is_file(),
+                    reason="the full mini world (data/mini/0) is not built")
+def test_no_leakage_real_build():
+    """No evaluation fact (nor its entity) appears in any fuser-training record."""
+    from fedrefine_lib.world.measure import leaked_entities
+
+    world = load_world(REAL_WORLD)
+    assert leaked_entities(world) == []
+    eval_facts = [f for f in world.facts() if f["split"] == "eval"]
+    words = set(re.findall(r"[A-Za-z]+", world.chat_train_path.read_text()))
+    assert not {f["entity"] for f in eval_facts} & words
+    test_ids = {it["fact_id"] for it in data.load_mcq(world.mcq_test_path)}
+    assert test_ids == {f["fact_id"] for f in eval_facts}
