@@ -19,6 +19,7 @@ to these messages; the option text is the continuation scored by log-likelihood.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -175,6 +176,12 @@ def background_messages(question_stem: str) -> list[dict]:
 def rephrase_messages(question_stem: str) -> list[dict]:
     """Ask the receiver to rewrite a question without changing what it asks."""
     return [{"role": "user", "content": f"{REPHRASE_INSTRUCTION}\nQuestion: {question_stem}"}]
+
+
+def tidy_text(text: str) -> str:
+    """Decoded model text with the spaces before punctuation removed and ends stripped
+    (the ``mini`` Qwen tokenizer decodes "red." as "red .")."""
+    return re.sub(r"\s+([.,?!:;])", r"\1", text).strip()
 
 
 def write_jsonl(rows: list[dict], path: str | Path) -> Path:

@@ -77,3 +77,8 @@ def test_prompt_formats():
     assert with_note.startswith(note + "\nQuestion:")
     assert data.background_messages("Q?")[0]["content"].endswith("Question: Q?")
     assert data.rephrase_messages("Q?")[0]["content"].startswith(data.REPHRASE_INSTRUCTION)
+
+
+def test_tidy_text():
+    assert data.tidy_text(" For Zorb , the color is red . ") == "For Zorb, the color is red."
+    assert data.tidy_text("Do you know what color Zorb has ?") == "Do you know what color Zorb has?"

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..data import mcq_messages
+from ..data import mcq_messages, tidy_text
 
 
 def _prompt_ids(tok, messages: list[dict]) -> list[int]:
@@ -69,7 +69,8 @@ def option_loglik_accuracy(model, tok, items: list[dict], contexts=None, batch_s
 @torch.no_grad()
 def generate_answers(model, tok, conversations: list[list[dict]], max_new_tokens: int = 24,
                      batch_size: int = 64) -> list[str]:
-    """Greedy assistant answers (decoded, stripped) for single-turn conversations."""
+    """Greedy assistant answers (decoded, :func:`~fedrefine_lib.data.tidy_text`) for
+    single-turn conversations."""
     eot = tok.convert_tokens_to_ids(tok.eos_token)
     model.eval()
     out: list[str] = []
@@ -86,5 +87,5 @@ def generate_answers(model, tok, conversations: list[list[dict]], max_new_tokens
         for row in gen[:, width:].tolist():
             if eot in row:
                 row = row[:row.index(eot)]
-            out.append(tok.decode(row, skip_special_tokens=True).strip())
+            out.append(tidy_text(tok.decode(row, skip_special_tokens=True)))
     return out

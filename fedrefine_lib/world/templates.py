@@ -39,8 +39,14 @@ def question(entity: str, relation: str, template: int = 0) -> str:
 
 
 def _pattern(template: str, groups: dict[str, str]) -> re.Pattern:
+    """A regex for ``template``: placeholders as ``groups``, any spacing before punctuation
+    (decoded text of the word-level-ish Qwen tokenizer reads "red ." for "red.")."""
+
+    def literal(text: str) -> str:
+        return "".join(r"\s*" + re.escape(c) if c in ".,?:" else re.escape(c) for c in text)
+
     parts = re.split(r"(\{\w+\})", template)
-    out = "".join(groups[p[1:-1]] if p.startswith("{") else re.escape(p) for p in parts)
+    out = "".join(groups[p[1:-1]] if p.startswith("{") else literal(p) for p in parts)
     return re.compile(r"^\s*" + out + r"\s*$")
 
 

@@ -81,9 +81,9 @@ def train_tokenizer(family: str, texts: list[str], prompts: list[str],
         tok.normalizer = normalizers.NFC()
         tok.pre_tokenizer = pre_tokenizers.Sequence([
             pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+            pre_tokenizers.ByteLevel(add_prefix_space=True, use_regex=False)])
     else:
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(fam.specials),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
@@ -93,7 +93,8 @@ def train_tokenizer(family: str, texts: list[str], prompts: list[str],
         vocab = tok.get_vocab()
         merges = [tuple(m) for m in json.loads(tok.to_str())["model"]["merges"]]
         fast = Qwen2Tokenizer(vocab=vocab, merges=merges, eos_token=fam.end_of_turn, pad_token=fam.pad,
-                              unk_token=None, model_max_length=512,
+                              unk_token=None, model_max_length=512, add_prefix_space=True,
+                              clean_up_tokenization_spaces=True,
                               extra_special_tokens=[t for t in fam.specials if t not in (fam.end_of_turn, fam.pad)])
     else:
         fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=fam.pad, eos_token=fam.end_of_turn,
