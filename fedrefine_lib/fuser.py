@@ -23,7 +23,6 @@ map, the aligner, the file's sha256). Loading is strict and says what differs.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +32,7 @@ import torch
 from torch import nn
 
 from fedrefine_lib import kv as kvlib
+from fedrefine_lib.safe_io import save_module, sha256
 from fedrefine_lib.align import layer_map as make_layer_map
 from fedrefine_lib.kv import KVCache
 
@@ -303,20 +303,8 @@ class C2CFuser(nn.Module):
 
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write ``fuser.safetensors`` and ``fuser_config.json`` into ``directory``."""
-        from safetensors.torch import save_file
-
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        save_file(state, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
-        meta = {
-            "format_version": FORMAT_VERSION,
-            "config": self.config.to_dict(),
-            "tensors": {k: list(v.shape) for k, v in state.items()},
-            "sha256": _sha256(directory / WEIGHTS_FILE),
-        }
-        (directory / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
-        return directory
+        return save_module(self, directory, WEIGHTS_FILE, CONFIG_FILE,
+                           {"format_version": FORMAT_VERSION, "config": self.config.to_dict()})
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, receiver=None, sender=None) -> "C2CFuser":
@@ -350,7 +338,7 @@ class C2CFuser(nn.Module):
             check_pair_info(meta["config"], pair_info(receiver, sender))
         elif receiver is not None or sender is not None:
             raise ValueError("Pass both receiver and sender (or neither) to from_pretrained.")
-        digest = _sha256(directory / WEIGHTS_FILE)
+        digest = sha256(directory / WEIGHTS_FILE)
         if meta.get("sha256") != digest:
             raise FuserLoadError(
                 f"Corrupt {directory / WEIGHTS_FILE}: sha256 {digest[:12]}... differs from the "
@@ -386,10 +374,3 @@ def check_pair_info(saved: dict[str, Any], actual: dict[str, Any]) -> None:
             + ". Load the fuser trained for this pair (or train one)."
         )
 
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()

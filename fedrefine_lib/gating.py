@@ -26,7 +26,6 @@ and sends nothing. Policies (all callables ``policy(query) -> [B, 1 + S]``):
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import time
@@ -39,6 +38,7 @@ from torch import nn
 
 from fedrefine_lib.align import Messages
 from fedrefine_lib.kv import KVCache, kv_shape
+from fedrefine_lib.safe_io import save_module, sha256
 
 OWN = "own"
 """Name of the receiver's own cache as a source (column 0 of the weights)."""
@@ -297,16 +297,8 @@ class Gate(nn.Module):
 
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write ``gate.safetensors`` and ``gate_config.json``."""
-        from safetensors.torch import save_file
-
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        save_file(state, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
-        meta = {"format_version": FORMAT_VERSION, "config": self.config.to_dict(),
-                "tensors": {k: list(v.shape) for k, v in state.items()}, "sha256": _sha256(directory / WEIGHTS_FILE)}
-        (directory / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
-        return directory
+        return save_module(self, directory, WEIGHTS_FILE, CONFIG_FILE,
+                           {"format_version": FORMAT_VERSION, "config": self.config.to_dict()})
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, receiver=None, senders: Sequence | None = None) -> "Gate":
@@ -338,7 +330,7 @@ class Gate(nn.Module):
             if diffs:
                 raise GateLoadError(f"Gate in {directory} does not fit: " + "; ".join(diffs)
                                     + ". Load the gate trained for this receiver and senders (or train one).")
-        digest = _sha256(directory / WEIGHTS_FILE)
+        digest = sha256(directory / WEIGHTS_FILE)
         if meta.get("sha256") != digest:
             raise GateLoadError(f"Corrupt {directory / WEIGHTS_FILE}: sha256 differs from the one recorded at save "
                                 "time. Re-save or retrain the gate.")
@@ -372,10 +364,6 @@ class LearnedGate:
     def __call__(self, query: GateQuery) -> torch.Tensor:
         w = self.gate.weights(query)
         return torch.where(w > self.threshold, w, torch.zeros_like(w))
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 # ---------------------------------------------------------------------- training

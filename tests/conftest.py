@@ -24,6 +24,7 @@ from transformers import (
 )
 
 from fedrefine_lib.models import LoadedModel
+from fedrefine_lib.world.tokenization import LLAMA_TEMPLATE, QWEN_TEMPLATE
 
 # One thread: deterministic, and fair to other jobs on a 2-core machine.
 torch.set_num_threads(1)
@@ -36,17 +37,6 @@ CORPUS = [
     "def add(a, b): return a + b  # a tiny function",
     "Photons travel at the speed of light in a vacuum.",
 ] * 20
-
-QWEN_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-LLAMA_TEMPLATE = (
-    "<|begin_of_text|>{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
-    "{{ m['content'] }}<|eot_id|>{% endfor %}"
-    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
-)
-
 
 def make_tokenizer(vocab_size: int, specials: list[str], template: str, eos: str) -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer trained on :data:`CORPUS`, with a chat template."""

@@ -8,7 +8,7 @@ from safetensors.torch import load_file, save_file
 
 from fedrefine_lib import federation
 from fedrefine_lib.fuser import (
-    C2CFuser, FuserConfig, FuserLoadError, MissingFuserFileError, PairMismatchError, _sha256,
+    C2CFuser, FuserConfig, FuserLoadError, MissingFuserFileError, PairMismatchError, sha256,
 )
 from fedrefine_lib.models import LoadedModel
 
@@ -146,7 +146,7 @@ def test_truncated_weights_with_matching_checksum(saved):
     _, path = saved
     (path / "fuser.safetensors").write_bytes((path / "fuser.safetensors").read_bytes()[:100])
     meta = json.loads((path / "fuser_config.json").read_text())
-    meta["sha256"] = _sha256(path / "fuser.safetensors")
+    meta["sha256"] = sha256(path / "fuser.safetensors")
     (path / "fuser_config.json").write_text(json.dumps(meta))
     with pytest.raises(FuserLoadError, match="Corrupt"):
         C2CFuser.from_pretrained(path)
@@ -166,7 +166,7 @@ def test_missing_and_extra_tensors(saved):
     state["stray"] = torch.zeros(1)
     save_file(state, str(path / "fuser.safetensors"))
     meta = json.loads((path / "fuser_config.json").read_text())
-    meta["sha256"] = _sha256(path / "fuser.safetensors")
+    meta["sha256"] = sha256(path / "fuser.safetensors")
     (path / "fuser_config.json").write_text(json.dumps(meta))
     with pytest.raises(FuserLoadError, match=r"missing tensors \['value_projectors.2.proj_out.weight'\].*unexpected tensors \['stray'\]"):
         C2CFuser.from_pretrained(path)
