@@ -26,6 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from fedrefine_lib import data
+from fedrefine_lib.align import right_pad
 from fedrefine_lib.federation import Prefill, Standalone, Trace, continue_prefill, generate
 
 METHODS = ("loglik", "letter", "generate")
@@ -177,14 +178,7 @@ def continuation_logliks(
     token_rows = [tok(text, add_special_tokens=False)["input_ids"] for conts in continuations for text in conts]
     if any(len(t) == 0 for t in token_rows):
         raise ValueError("An option text tokenizes to nothing; give every option some text.")
-    width = max(len(t) for t in token_rows)
-    cont = torch.zeros(len(token_rows), width, dtype=torch.long)
-    cmask = torch.zeros_like(cont)
-    for r, t in enumerate(token_rows):
-        cont[r, : len(t)] = torch.tensor(t)
-        cmask[r, : len(t)] = 1
-    dev = pre.input_ids.device
-    cont, cmask = cont.to(dev), cmask.to(dev)
+    cont, cmask = right_pad(token_rows, pre.input_ids.device)
     logits = continue_prefill(model, pre.select(rows), cont, cmask)[:, :-1]  # [R, L, V]
     logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, cont[..., None]).squeeze(-1)
     totals = (logp * cmask).sum(-1).tolist()

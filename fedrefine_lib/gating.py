@@ -399,7 +399,8 @@ def train_gate(engine, gate: Gate, records: Sequence[Messages], config=None) -> 
     from tqdm.auto import tqdm
     from transformers import get_linear_schedule_with_warmup
 
-    from fedrefine_lib.train import TrainConfig, _right_pad, answer_loss, freeze, split_record
+    from fedrefine_lib.align import right_pad
+    from fedrefine_lib.train import TrainConfig, answer_loss, freeze, split_record
 
     config = config or TrainConfig()
     if not records:
@@ -436,7 +437,7 @@ def train_gate(engine, gate: Gate, records: Sequence[Messages], config=None) -> 
                 with torch.no_grad():
                     caches = engine.prompt_caches(list(prompts))
                     projections = engine.project(caches)
-                cached[b] = (caches, projections, *_right_pad(list(answers), dev))
+                cached[b] = (caches, projections, *right_pad(list(answers), dev))
             caches, projections, ans_ids, ans_mask = cached[b]
             query = GateQuery(caches.messages_batch, caches.receiver_cache, caches.receiver_mask[:, :-1], engine.sender_names)
             loss = answer_loss(engine.receiver.model, engine.combine(caches, projections, gate.weights(query)), ans_ids, ans_mask)

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from fedrefine_lib.align import Messages
+from fedrefine_lib.align import Messages, right_pad
 from fedrefine_lib.federation import C2C, Prefill, PromptCaches, continue_prefill
 
 Record = list[dict[str, str]]
@@ -119,16 +119,6 @@ def split_record(tokenizer, record: Record) -> tuple[Messages, list[int]]:
     return prompt, list(ids)
 
 
-def _right_pad(rows: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.zeros(len(rows), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for b, r in enumerate(rows):
-        ids[b, : len(r)] = torch.tensor(r)
-        mask[b, : len(r)] = 1
-    return ids.to(device), mask.to(device)
-
-
 def answer_loss(model: torch.nn.Module, prefill: Prefill, answer_ids: torch.Tensor, answer_mask: torch.Tensor,
                 reduction: str = "mean") -> torch.Tensor:
     """Causal-LM loss of the answer tokens continuing ``prefill``.
@@ -152,7 +142,7 @@ def lm_loss(engine, records: Sequence[Record], batch_size: int = 8) -> float:
     for i in range(0, len(records), batch_size):
         prompts, answers = zip(*(split_record(tok, r) for r in records[i : i + batch_size]))
         pre = engine.prefill(list(prompts))
-        ids, mask = _right_pad(list(answers), pre.input_ids.device)
+        ids, mask = right_pad(list(answers), pre.input_ids.device)
         total += answer_loss(model, pre, ids, mask, reduction="sum").item()
         count += int(mask.sum())
     return total / count
@@ -235,7 +225,7 @@ def train_fuser(receiver, sender, fuser: torch.nn.Module, records: Sequence[Reco
             else:
                 prompts, answers = zip(*(split_record(tok, records[i]) for i in batches[b]))
                 caches = engine.prompt_caches(list(prompts))
-                ans_ids, ans_mask = _right_pad(list(answers), accelerator.device)
+                ans_ids, ans_mask = right_pad(list(answers), accelerator.device)
                 if config.cache_prompts:
                     cached[b] = (caches, ans_ids, ans_mask)
             fuser.temperature = temperature(step, total, config.tau_start, config.tau_end)

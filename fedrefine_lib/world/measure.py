@@ -25,7 +25,6 @@ from ..federation import Standalone, generate
 from ..results import to_jsonable
 from ..models import LoadedModel, ModelSpec, load_model
 from .build import World
-from .knowledge import Fact
 from .scoring import generate_answers
 from .templates import parse_question, parse_statement, statement
 
