@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -76,8 +76,12 @@ def _plain(obj: Any) -> Any:
     return obj
 
 
-def load_chat_records(path: str | Path) -> list[list[dict]]:
+def load_chat_records(path: str | Path, kinds: Sequence[str] | None = None) -> list[list[dict]]:
     """Chat records of an OpenHermes-2.5-style file as chat messages.
+
+    Args:
+        kinds: keep only rows whose ``kind`` field is one of these (the mini world tags
+            its records ``mcq``, ``background`` or ``filler``); None keeps every row.
 
     Returns:
         one list per record of ``{"role": "system"|"user"|"assistant", "content": str}``.
@@ -87,6 +91,12 @@ def load_chat_records(path: str | Path) -> list[list[dict]]:
     """
     records = []
     for i, row in _rows(path):
+        if kinds is not None:
+            if "kind" not in row:
+                raise DataFormatError(f"{path}, line {i}: asked for records of kinds {list(kinds)} but the row has "
+                                      "no 'kind' field; drop the kinds filter (e.g. `chat_train_kinds` in the profile).")
+            if row["kind"] not in kinds:
+                continue
         conv = row.get("conversations")
         if not isinstance(conv, list) or not conv:
             raise DataFormatError(
@@ -106,6 +116,8 @@ def load_chat_records(path: str | Path) -> list[list[dict]]:
             raise DataFormatError(f"{path}, line {i}: the last turn must be from 'gpt' "
                                   "(the assistant answer that training scores).")
         records.append(messages)
+    if kinds is not None and not records:
+        raise DataFormatError(f"{path}: no record of kinds {list(kinds)}; check the kinds filter.")
     return records
 
 

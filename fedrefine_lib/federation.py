@@ -575,6 +575,21 @@ class FedRefine:
 # ------------------------------------------------------------------------ decoding
 
 
+def pair_engine(receiver, sender, fuser: torch.nn.Module, sender_view: SenderView | None = None):
+    """The one-sender engine for ``fuser``, whatever its kind: :class:`C2C` for a residual
+    ``fuser.C2CFuser``, :class:`FedRefine` in ``concat`` mode for a ``concat.ConcatFuser``.
+
+    Args:
+        sender_view: what the sender reads instead of the receiver's chats (e.g. the
+            :func:`rotate` wrong-cache control); None: the same chats.
+    """
+    from fedrefine_lib.concat import is_concat
+
+    if is_concat(fuser):
+        return FedRefine(receiver, [sender], {sender.name: fuser}, mode="concat", sender_views=sender_view)
+    return C2C(receiver, sender, fuser, sender_view=sender_view)
+
+
 def continue_prefill(
     model: torch.nn.Module, prefill: Prefill, continuation: torch.Tensor | None = None,
     continuation_mask: torch.Tensor | None = None,

@@ -400,6 +400,7 @@ def train_gate(engine, gate: Gate, records: Sequence[Messages], config=None) -> 
     from transformers import get_linear_schedule_with_warmup
 
     from fedrefine_lib.align import right_pad
+    from fedrefine_lib.federation import stop_token_ids
     from fedrefine_lib.train import TrainConfig, answer_loss, freeze, split_record
 
     config = config or TrainConfig()
@@ -415,7 +416,7 @@ def train_gate(engine, gate: Gate, records: Sequence[Messages], config=None) -> 
         f.eval().requires_grad_(False)
     dev = next(engine.receiver.model.parameters()).device
     gate.float().to(dev).train()
-    tok = engine.receiver.tokenizer
+    tok, stops = engine.receiver.tokenizer, stop_token_ids(engine.receiver)
     order = torch.randperm(len(records), generator=torch.Generator().manual_seed(config.seed)).tolist()
     batches = [order[i : i + config.batch_size] for i in range(0, len(order), config.batch_size)]
     total = len(batches) * config.epochs
@@ -433,7 +434,7 @@ def train_gate(engine, gate: Gate, records: Sequence[Messages], config=None) -> 
             if step >= total:
                 break
             if b not in cached:
-                prompts, answers = zip(*(split_record(tok, records[i]) for i in batches[b]))
+                prompts, answers = zip(*(split_record(tok, records[i], stops) for i in batches[b]))
                 with torch.no_grad():
                     caches = engine.prompt_caches(list(prompts))
                     projections = engine.project(caches)

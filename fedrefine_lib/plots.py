@@ -78,12 +78,12 @@ def curves(series: Mapping[str, Sequence[float]], title: str = "", xlabel: str =
 
 
 def per_layer(values: Mapping[str, Sequence[float]], title: str = "", ylabel: str = "gate",
-              path: str | Path | None = None):
-    """One line per series over receiver layers (e.g. K and V gates)."""
+              path: str | Path | None = None, xlabel: str = "receiver layer"):
+    """One line per series over layers (e.g. K and V gates per receiver layer)."""
     fig, ax = plt.subplots(figsize=(5.5, 3.4))
     for name, ys in values.items():
         ax.plot(range(len(ys)), ys, marker="o", label=name)
-    ax.set(xlabel="receiver layer", ylabel=ylabel, title=title)
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
     ax.legend(fontsize=8)
     return _finish(fig, path)
 

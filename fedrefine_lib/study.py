@@ -55,12 +55,14 @@ class Study:
         return sources[key]
 
     def chat_records(self, limit: int | None = None) -> list[list[dict]]:
-        """Fuser-training chat records as ``[{"role", "content"}, ...]`` conversations."""
+        """Fuser-training chat records as ``[{"role", "content"}, ...]`` conversations
+        (the profile's ``data.chat_train_kinds`` filter and ``data.chat_train_limit`` applied)."""
         from . import data
 
-        source = self._data_source("chat_train")
-        limit = limit or self.settings.get("data", {}).get("chat_train_limit")
-        records = data.load_chat_records(_local_or_hub(source, "chat"))
+        sources = self.settings.get("data", {})
+        limit = limit or sources.get("chat_train_limit")
+        records = data.load_chat_records(_local_or_hub(self._data_source("chat_train"), "chat"),
+                                         kinds=sources.get("chat_train_kinds"))
         return records[:limit] if limit else records
 
     def mcq(self, split: str = "test") -> list[dict]:
@@ -80,6 +82,21 @@ class Study:
     def fuser_options(self, **overrides: Any) -> dict[str, Any]:
         """The profile's fuser shape (``fuser:`` in its YAML), with overrides (None ignored)."""
         return {**self.settings.get("fuser", {}), **{k: v for k, v in overrides.items() if v is not None}}
+
+    @property
+    def fusion(self) -> str:
+        """The profile's fusion mode (``fusion:`` in its YAML): ``residual`` (C2C) or ``concat``."""
+        from .federation import MODES
+
+        mode = self.settings.get("fusion", "residual")
+        if mode not in MODES:
+            raise ValueError(f"Profile {self.name!r} sets fusion: {mode!r}; use one of {MODES}.")
+        return mode
+
+    @property
+    def fuser_variant(self) -> str:
+        """The hub variant holding this profile's fusers (``default`` for residual, else the mode)."""
+        return "default" if self.fusion == "residual" else self.fusion
 
     def hub(self):
         """This profile's and seed's fuser hub (``data/<profile>/<seed>/fusers``)."""

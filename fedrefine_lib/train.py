@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from fedrefine_lib.align import Messages, right_pad
-from fedrefine_lib.federation import C2C, Prefill, PromptCaches, continue_prefill
+from fedrefine_lib.federation import C2C, Prefill, PromptCaches, continue_prefill, stop_token_ids
 
 Record = list[dict[str, str]]
 """A chat record: messages ending with the assistant turn to learn."""
@@ -101,11 +101,18 @@ class TrainResult:
 # --------------------------------------------------------------------------- targets
 
 
-def split_record(tokenizer, record: Record) -> tuple[Messages, list[int]]:
+def split_record(tokenizer, record: Record, stop_ids: set[int] | None = None) -> tuple[Messages, list[int]]:
     """Prompt messages (all but the final assistant turn) and the answer's token ids.
 
     The answer is what the receiver's template renders after the generation prompt (the
-    content plus its end-of-turn tokens), tokenized on its own like an MCQ option.
+    content plus its end-of-turn token), tokenized on its own like an MCQ option. Anything
+    the template puts *after* the end-of-turn token (e.g. Qwen's trailing newline) is cut:
+    a model never predicts past its stop token, and that one unpredictable token would
+    otherwise dominate the loss.
+
+    Args:
+        stop_ids: end-of-turn ids (default: the tokenizer's eos); see
+            ``federation.stop_token_ids``.
     """
     if not record or record[-1].get("role") != "assistant":
         raise ValueError(f"A training record must end with an assistant turn; got roles {[m.get('role') for m in record]}.")
@@ -113,10 +120,15 @@ def split_record(tokenizer, record: Record) -> tuple[Messages, list[int]]:
     full = tokenizer.apply_chat_template(record, tokenize=False)
     head = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
     answer = full[len(head):] if full.startswith(head) else record[-1]["content"] + (tokenizer.eos_token or "")
-    ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
-    if not ids:
+    ids = list(tokenizer(answer, add_special_tokens=False)["input_ids"])
+    if stop_ids is None:
+        stop_ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    ends = [i for i, t in enumerate(ids) if t in stop_ids]
+    if ends:
+        ids = ids[: ends[0] + 1]
+    if not ids or (ends and ends[0] == 0):
         raise ValueError("The final assistant turn is empty; nothing to learn from it.")
-    return prompt, list(ids)
+    return prompt, ids
 
 
 def answer_loss(model: torch.nn.Module, prefill: Prefill, answer_ids: torch.Tensor, answer_mask: torch.Tensor,
@@ -138,9 +150,10 @@ def lm_loss(engine, records: Sequence[Record], batch_size: int = 8) -> float:
     """Mean per-token loss of the final assistant turns with ``engine``'s prompt caches
     (e.g. held-out loss of ``Standalone`` vs ``C2C``)."""
     tok, model = engine.receiver.tokenizer, engine.receiver.model
+    stops = stop_token_ids(engine.receiver)
     total, count = 0.0, 0
     for i in range(0, len(records), batch_size):
-        prompts, answers = zip(*(split_record(tok, r) for r in records[i : i + batch_size]))
+        prompts, answers = zip(*(split_record(tok, r, stops) for r in records[i : i + batch_size]))
         pre = engine.prefill(list(prompts))
         ids, mask = right_pad(list(answers), pre.input_ids.device)
         total += answer_loss(model, pre, ids, mask, reduction="sum").item()
@@ -207,7 +220,7 @@ def train_fuser(receiver, sender, fuser: torch.nn.Module, records: Sequence[Reco
     # A fuser may bring its own engine (e.g. concat fusers); plain C2C otherwise.
     make_engine = getattr(getattr(wrapped, "module", wrapped), "make_engine", None)
     engine = make_engine(receiver, sender, wrapped, aligner) if make_engine else C2C(receiver, sender, wrapped, aligner=aligner)
-    tok = receiver.tokenizer
+    tok, stops = receiver.tokenizer, stop_token_ids(receiver)
 
     cached: dict[int, tuple[PromptCaches, torch.Tensor, torch.Tensor]] = {}
     losses: list[float] = []
@@ -223,7 +236,7 @@ def train_fuser(receiver, sender, fuser: torch.nn.Module, records: Sequence[Reco
             if b in cached:
                 caches, ans_ids, ans_mask = cached[b]
             else:
-                prompts, answers = zip(*(split_record(tok, records[i]) for i in batches[b]))
+                prompts, answers = zip(*(split_record(tok, records[i], stops) for i in batches[b]))
                 caches = engine.prompt_caches(list(prompts))
                 ans_ids, ans_mask = right_pad(list(answers), accelerator.device)
                 if config.cache_prompts:

@@ -82,3 +82,17 @@ def test_prompt_formats():
 def test_tidy_text():
     assert data.tidy_text(" For Zorb , the color is red . ") == "For Zorb, the color is red."
     assert data.tidy_text("Do you know what color Zorb has ?") == "Do you know what color Zorb has?"
+
+
+def test_chat_records_kinds_filter(tmp_path):
+    rows = [data.to_chat_record([{"role": "user", "content": f"Q{i}"}, {"role": "assistant", "content": "A"}], kind=k)
+            for i, k in enumerate(["mcq", "background", "mcq", "filler"])]
+    path = data.write_jsonl(rows, tmp_path / "c.jsonl")
+    assert [r[0]["content"] for r in data.load_chat_records(path, kinds=["mcq"])] == ["Q0", "Q2"]
+    assert len(data.load_chat_records(path)) == 4
+    with pytest.raises(data.DataFormatError, match="no record of kinds"):
+        data.load_chat_records(path, kinds=["essay"])
+    plain = data.write_jsonl([data.to_chat_record([{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}])],
+                             tmp_path / "plain.jsonl")
+    with pytest.raises(data.DataFormatError, match="no 'kind' field.*kinds filter"):
+        data.load_chat_records(plain, kinds=["mcq"])

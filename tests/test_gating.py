@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from fedrefine_lib import federation, gating
+from fedrefine_lib import federation, gating, train
 from fedrefine_lib.evaluate import McqResult
 from fedrefine_lib.train import TrainConfig
 
@@ -109,9 +109,13 @@ def test_train_gate_learns_with_frozen_fusers(loaded_models, mode):
     fuser_before = [p.detach().clone() for f in eng.fusers for p in f.parameters()]
     gate = gating.Gate(gating.GateConfig.for_receiver(loaded_models["qwen3"], ["qwen2", "llama"], mode=mode, hidden=8))
     records = [[{"role": "user", "content": f"Fox {i}?"}, {"role": "assistant", "content": "blue"}] for i in range(4)]
+    def loss() -> float:  # the records' answer loss with the gate as the policy (same frozen fusers)
+        return train.lm_loss(engine(loaded_models, ["qwen2", "llama"], mode, policy=gating.LearnedGate(gate)), records)
+
+    before = loss()
     res = gating.train_gate(eng, gate, records, TrainConfig(lr=5e-2, batch_size=2, epochs=4, warmup_ratio=0.0,
                                                             progress=False))
-    assert res.steps == 8 and res.losses[-1] < res.losses[0]
+    assert res.steps == 8 and loss() < before
     assert all(torch.equal(a, b) for a, b in zip(fuser_before, (p for f in eng.fusers for p in f.parameters())))
     w = gating.LearnedGate(gate)(query(loaded_models, ["qwen2", "llama"]))
     assert not torch.equal(w, torch.ones_like(w))

@@ -57,3 +57,16 @@ def test_local_round_trip(tmp_path, tiny_models):
     assert not loaded.model.training
     for a, b in zip(loaded.model.state_dict().values(), model.state_dict().values()):
         assert (a == b).all()
+
+
+@pytest.mark.parametrize("name", ["mini", "smol", "paper"])
+def test_profile_fusion_mode(name, tmp_path):
+    from fedrefine_lib.study import Study
+
+    profile = models.load_profile(name, world="/tmp/world", smol_dir="/tmp/s", gemma_dir="/tmp/g")
+    study = Study(profile, 0, tmp_path, tmp_path)
+    assert study.fusion in ("residual", "concat")
+    assert study.fuser_variant == ("default" if study.fusion == "residual" else "concat")
+    profile.settings["fusion"] = "sum"
+    with pytest.raises(ValueError, match="fusion: 'sum'.*residual"):
+        study.fusion

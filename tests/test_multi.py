@@ -214,3 +214,18 @@ def test_reused_caches_keep_their_trace(loaded_models):
     assert set(a.trace.seconds) - set(before) == {"gating", "projection", "combine"}
     assert a.trace.total_seconds == pytest.approx(sum(a.trace.seconds.values()))
     assert all(torch.equal(x, y) for x, y in zip(a.cache.values, b.cache.values))
+
+
+@pytest.mark.parametrize("mode", ["residual", "concat"])
+def test_pair_engine_runs_either_fuser_kind(loaded_models, mode):
+    cls = ConcatFuser if mode == "concat" else C2CFuser
+    fuser = random_fuser(loaded_models, "llama", cls=cls)
+    receiver, sender = loaded_models["qwen3"], loaded_models["llama"]
+    eng = federation.pair_engine(receiver, sender, fuser)
+    assert isinstance(eng, federation.FedRefine if mode == "concat" else federation.C2C)
+    same = federation.FedRefine(receiver, [sender], {sender.name: fuser}, mode=mode)
+    (a, la), (b, lb) = logits(eng, PROMPTS), logits(same, PROMPTS)
+    assert torch.allclose(la, lb, atol=1e-5)
+    wrong = federation.pair_engine(receiver, sender, fuser, sender_view=federation.rotate(1))
+    _, lw = logits(wrong, PROMPTS)
+    assert not torch.allclose(la, lw, atol=1e-4)  # the control really feeds other caches

@@ -81,3 +81,6 @@ def test_notebook_runs_with_smoke_parameters(path, tmp_path_factory):
             node = node[part]
         assert _accuracy_ok(node), f"{metrics_name}: {key} = {node}"
     assert list((results / "figures").glob("*.png")), "the notebook should save its figures"
+    if path.stem == "01_c2c":  # the cache probe: one accuracy per layer, sender and receiver
+        probes = metrics["cache_probe_last_token"]
+        assert len(probes) == 2 and all(0 <= a <= 1 for accs in probes.values() for a in accs)

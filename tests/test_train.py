@@ -111,6 +111,8 @@ def test_defaults_are_the_reference_recipe():
 def test_split_record(qwen_tokenizer):
     prompt, answer = train.split_record(qwen_tokenizer, records(1, 0)[0])
     assert [m["role"] for m in prompt] == ["user"]
-    assert qwen_tokenizer.decode(answer) == records(1, 0)[0][-1]["content"] + "<|im_end|>\n"
+    assert qwen_tokenizer.decode(answer) == records(1, 0)[0][-1]["content"] + "<|im_end|>"  # nothing past the stop token
+    _, uncut = train.split_record(qwen_tokenizer, records(1, 0)[0], stop_ids=set())
+    assert qwen_tokenizer.decode(uncut) == records(1, 0)[0][-1]["content"] + "<|im_end|>\n"  # the template's tail
     with pytest.raises(ValueError, match="assistant"):
         train.split_record(qwen_tokenizer, [{"role": "user", "content": "hi"}])
