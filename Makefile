@@ -9,6 +9,9 @@ STAMP      := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 KERNEL     := fedrefine
 RESULTS    := results/$(PROFILE)
 NOTEBOOKS  := $(sort $(wildcard notebooks/[0-9]*.ipynb))
+# Extra runs after the series, per profile: notebook | output name | papermill parameters.
+# mini: 01 again with a sender whose cache holds its answers (see the probe in 01).
+EXTRA_mini := 01_c2c|c2c_qwen2.5-1.5b|-p sender_name mini-qwen2.5-1.5b -p ablations False
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
@@ -42,6 +45,14 @@ reproduce: $(STAMP)
 	    --cwd notebooks --log-level WARNING; \
 	  echo "== $$name done in $$(( $$(date +%s) - start )) s"; \
 	done
+	@set -e; if [ -n "$(EXTRA_$(PROFILE))" ]; then \
+	  nb=$$(echo "$(EXTRA_$(PROFILE))" | cut -d'|' -f1); out=$$(echo "$(EXTRA_$(PROFILE))" | cut -d'|' -f2); \
+	  params=$$(echo "$(EXTRA_$(PROFILE))" | cut -d'|' -f3); start=$$(date +%s); \
+	  echo "== $$nb as $$out (profile=$(PROFILE))"; \
+	  $(PY) -m papermill notebooks/$$nb.ipynb $(RESULTS)/executed/$$out.ipynb -k $(KERNEL) -p profile $(PROFILE) \
+	    -p results_dir ../$(RESULTS)/$$out $$params --cwd notebooks --log-level WARNING; \
+	  echo "== $$out done in $$(( $$(date +%s) - start )) s"; \
+	fi
 
 lab: $(STAMP)
 	$(PY) -m jupyter lab notebooks/

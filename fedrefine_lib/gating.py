@@ -216,6 +216,8 @@ class GateConfig:
         max_weight: the output range is ``(0, max_weight)``; the zero-initialised output
             layer makes a fresh gate give ``max_weight / 2`` for every source (the default
             2 gives 1: a fresh gate equals ``EqualWeights``).
+        seed: seeds the initial weights (independent of the global RNG state, so a gate
+            built after other work in the same session starts the same).
     """
 
     receiver_name: str
@@ -226,6 +228,7 @@ class GateConfig:
     mode: str = "residual"
     hidden: int = 64
     max_weight: float = 2.0
+    seed: int = 0
 
     @property
     def features(self) -> int:
@@ -257,10 +260,12 @@ class Gate(nn.Module):
     def __init__(self, config: GateConfig):
         super().__init__()
         self.config = config
-        self.norm = nn.RMSNorm(config.features, eps=1e-6)
-        self.inp = nn.Linear(config.features, config.hidden)
-        self.act = nn.GELU()
-        self.out = nn.Linear(config.hidden, 1 + len(config.senders))
+        with torch.random.fork_rng(devices=[]):  # initial weights from config.seed alone
+            torch.manual_seed(config.seed)
+            self.norm = nn.RMSNorm(config.features, eps=1e-6)
+            self.inp = nn.Linear(config.features, config.hidden)
+            self.act = nn.GELU()
+            self.out = nn.Linear(config.hidden, 1 + len(config.senders))
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
 

@@ -119,3 +119,16 @@ def test_train_gate_learns_with_frozen_fusers(loaded_models, mode):
     assert all(torch.equal(a, b) for a, b in zip(fuser_before, (p for f in eng.fusers for p in f.parameters())))
     w = gating.LearnedGate(gate)(query(loaded_models, ["qwen2", "llama"]))
     assert not torch.equal(w, torch.ones_like(w))
+
+
+def test_gate_init_depends_on_its_seed_only(loaded_models):
+    import dataclasses
+
+    config = gating.GateConfig.for_receiver(loaded_models["qwen3"], ["qwen2", "llama"])
+    torch.manual_seed(1)
+    a = gating.Gate(config)
+    torch.manual_seed(2)
+    torch.rand(7)  # other work before the gate is built must not change it
+    b = gating.Gate(config)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert not torch.equal(a.inp.weight, gating.Gate(dataclasses.replace(config, seed=1)).inp.weight)
