@@ -7,8 +7,11 @@ Schema (one JSON object per notebook, keys sorted, stable across runs with the s
       "library_version": "0.1.0",
       "parameters": {...},                 # the notebook's papermill parameters
       "<metric groups>": {...},            # accuracies as {"value", "n", "ci95": [lo, hi]}
-      "timings": {"<stage>": seconds, ...} # wall times; the only keys that vary run to run
+      "timings": {"<stage>": seconds, ...} # wall times of the notebook's stages
+      "measured_seconds": {...}            # wall-clock results (e.g. latency per query)
     }
+
+``timings`` and ``measured_seconds`` are the only keys that vary from run to run.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from typing import Any, Iterator
 
 from . import __version__
 
-TIMING_KEYS = ("timings",)
+TIMING_KEYS = ("timings", "measured_seconds")
 """Top-level keys holding wall-clock numbers (excluded when comparing two runs)."""
 
 
