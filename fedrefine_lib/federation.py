@@ -572,9 +572,6 @@ class FedRefine:
         return self.combine(caches, self.project(caches, trace), w, trace)
 
 
-# ------------------------------------------------------------------------ decoding
-
-
 def pair_engine(receiver, sender, fuser: torch.nn.Module, sender_view: SenderView | None = None):
     """The one-sender engine for ``fuser``, whatever its kind: :class:`C2C` for a residual
     ``fuser.C2CFuser``, :class:`FedRefine` in ``concat`` mode for a ``concat.ConcatFuser``.
@@ -588,6 +585,9 @@ def pair_engine(receiver, sender, fuser: torch.nn.Module, sender_view: SenderVie
     if is_concat(fuser):
         return FedRefine(receiver, [sender], {sender.name: fuser}, mode="concat", sender_views=sender_view)
     return C2C(receiver, sender, fuser, sender_view=sender_view)
+
+
+# ------------------------------------------------------------------------ decoding
 
 
 def continue_prefill(

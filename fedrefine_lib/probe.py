@@ -68,15 +68,15 @@ def cache_features(model, messages_batch: Sequence[Messages], position: int = -1
 
 
 def fit_linear(x: torch.Tensor, y: torch.Tensor, classes: int, steps: int = 300, lr: float = 1e-2,
-               l2: float = 1e-3, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Multinomial logistic regression on standardised features (full batch, Adam).
+               l2: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Multinomial logistic regression on standardised features (full batch, Adam, zero
+    start: deterministic without touching the global RNG).
 
     Args:
         x: ``[N, F]``; y: ``[N]`` class ids in ``[0, classes)``.
     Returns:
         ``(weight [F, classes], mean [F], std [F])``.
     """
-    torch.manual_seed(seed)
     mean, std = x.mean(0), x.std(0) + 1e-5
     z = (x - mean) / std
     w = torch.zeros(x.shape[1], classes, requires_grad=True)

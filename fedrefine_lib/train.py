@@ -126,7 +126,7 @@ def split_record(tokenizer, record: Record, stop_ids: set[int] | None = None) ->
     ends = [i for i, t in enumerate(ids) if t in stop_ids]
     if ends:
         ids = ids[: ends[0] + 1]
-    if not ids or (ends and ends[0] == 0):
+    if not ids or ids[0] in stop_ids:
         raise ValueError("The final assistant turn is empty; nothing to learn from it.")
     return prompt, ids
 

@@ -226,6 +226,8 @@ def test_pair_engine_runs_either_fuser_kind(loaded_models, mode):
     same = federation.FedRefine(receiver, [sender], {sender.name: fuser}, mode=mode)
     (a, la), (b, lb) = logits(eng, PROMPTS), logits(same, PROMPTS)
     assert torch.allclose(la, lb, atol=1e-5)
+    _, alone = logits(federation.Standalone(receiver), PROMPTS)
+    assert not torch.allclose(la, alone, atol=1e-4)  # the sender's cache really reaches the receiver
     wrong = federation.pair_engine(receiver, sender, fuser, sender_view=federation.rotate(1))
     _, lw = logits(wrong, PROMPTS)
     assert not torch.allclose(la, lw, atol=1e-4)  # the control really feeds other caches
