@@ -81,8 +81,10 @@ def test_model_shapes_are_heterogeneous():
     specs = mini_models("full")
     shapes = {(s.layers, s.hidden, s.heads, s.kv_heads, s.head_dim) for s in specs.values()}
     assert len(shapes) == 4  # the two 0.5b models share a shape, like the paper's
-    for attr in ("layers", "hidden", "heads", "kv_heads", "head_dim"):
+    for attr in ("layers", "hidden", "heads", "head_dim"):
         assert len({getattr(s, attr) for s in specs.values()}) >= 3, attr
+    # KV heads: two values, like the paper's models (8 for Qwen3/Llama, 2 for Qwen2.5)
+    assert specs["mini-qwen3-0.6b"].kv_heads == specs["mini-llama3.2-1b"].kv_heads != specs["mini-qwen2.5-1.5b"].kv_heads
     known = [d for s in specs.values() if s.name != "mini-qwen3-0.6b" for d in s.domains]
     assert set(known) == set(DOMAINS)
     assert len(specs["mini-qwen3-0.6b"].domains) <= 2
@@ -181,6 +183,32 @@ def test_cache_reload_and_config_change(smoke_worlds, tmp_path):
 
     assert world_dir(3, other, "r") != world_dir(3, WorldConfig.smoke(), "r") != world_dir(3, WorldConfig(), "r")
     assert world_dir(3, WorldConfig(), "r") == Path("r/3")
+
+
+def test_pretraining_out_of_patience_keeps_its_best_check(smoke_worlds, tmp_path):
+    """A model that never meets the stop criteria stops after `patience` checks without a
+    better one and saves the weights of its best check (not its last)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fedrefine_lib.world.pretrain import pretrain_model
+    from fedrefine_lib.world.records import mcq_items
+    from fedrefine_lib.world.scoring import option_loglik_accuracy
+
+    world, name = smoke_worlds[0], "mini-qwen2.5-0.5b"
+    smoke = WorldConfig.smoke()
+    config = {**smoke.to_dict(), "max_steps": {**smoke.max_steps, name: 90}, "eval_every": 3, "min_steps": 3,
+              "stop_accuracy": 2.0, "patience": 2}  # never stops on accuracy
+    log = pretrain_model(name, 3, config, str(world.tokenizer_dir("qwen")), str(tmp_path / name), progress=False)
+    phase2 = [h for h in log["history"] if h["phase"] == 2]
+    best = max(phase2, key=lambda h: h["val_accuracy"])  # the first of the best
+    assert not log["early_stopped"] and log["steps"] < 90
+    assert log["steps"] == best["step"] + 2 * 3 or log["restored_step"] is None
+    assert log["final"]["step"] == best["step"] and log["restored_step"] in (best["step"], None)
+    knowledge = make_knowledge(3, smoke.entities)
+    own = [it for it in mcq_items(knowledge.select(splits=("val",)), 3, "val", every_template=True)
+           if it["domain"] in mini_models("smoke")[name].domains]
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / name)
+    assert option_loglik_accuracy(saved, AutoTokenizer.from_pretrained(tmp_path / name), own) == best["val_accuracy"]
 
 
 def test_no_leakage_smoke(smoke_worlds):

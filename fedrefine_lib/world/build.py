@@ -28,7 +28,7 @@ from .records import chat_records, mcq_items
 from .tokenization import train_tokenizer
 
 #: Bump when the world's generation code changes in a way that changes its files.
-WORLD_VERSION = 3
+WORLD_VERSION = 6
 DATA_FILES = ("facts.jsonl", "chat_train.jsonl", "mcq_val.jsonl", "mcq_test.jsonl")
 
 
@@ -152,7 +152,8 @@ def build_world(seed: int = 0, config: WorldConfig | None = None, root: str | Pa
     write_jsonl([f.to_dict() for f in knowledge.facts], out / "facts.jsonl")
     write_jsonl(chat_records(knowledge, seed, config.chat_variants, config.filler_records),
                 out / "chat_train.jsonl")
-    write_jsonl(mcq_items(knowledge.select(splits=("val",)), seed, "val"), out / "mcq_val.jsonl")
+    write_jsonl(mcq_items(knowledge.select(splits=("val",)), seed, "val", every_template=True),
+                out / "mcq_val.jsonl")
     write_jsonl(mcq_items(knowledge.select(splits=("eval",)), seed, "test"), out / "mcq_test.jsonl")
     texts, prompts = tokenizer_texts(knowledge, config, seed)
     for family, size in (("qwen", config.qwen_vocab), ("llama", config.llama_vocab)):
@@ -195,6 +196,7 @@ def _model_info(spec, path: Path, log: dict) -> dict:
             "layers": spec.layers, "hidden": spec.hidden, "heads": spec.heads,
             "kv_heads": spec.kv_heads, "head_dim": spec.head_dim, "vocab_size": config["vocab_size"],
             "paper_model": spec.paper_id, "steps": log["steps"], "early_stopped": log["early_stopped"],
+            "restored_step": log.get("restored_step"),
             "seconds": log["seconds"], "final": log["final"],
             "weights_sha256": sha256_file(path / "model.safetensors")}
 

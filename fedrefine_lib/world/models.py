@@ -88,8 +88,8 @@ def mini_models(scale: str = "full") -> dict[str, MiniModel]:
         MiniModel("mini-qwen2.5-1.5b", "qwen2", "qwen", ("biology", "physics"), layers=5,
                   hidden=160, heads=5, kv_heads=1, head_dim=32, intermediate=448,
                   paper_id="Qwen/Qwen2.5-1.5B-Instruct"),
-        MiniModel("mini-llama3.2-1b", "llama", "llama", ("geography",), layers=4,
-                  hidden=144, heads=6, kv_heads=3, head_dim=24, intermediate=416,
+        MiniModel("mini-llama3.2-1b", "llama", "llama", ("geography",), layers=6,
+                  hidden=128, heads=4, kv_heads=2, head_dim=32, intermediate=384,
                   paper_id="meta-llama/Llama-3.2-1B-Instruct"),
     ]
     if scale == "smoke":

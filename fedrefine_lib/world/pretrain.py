@@ -70,6 +70,10 @@ def pretrain_model(name: str, seed: int, config: dict, tokenizer_dir: str, out_d
                    position: int = 0, progress: bool = True, threads: int = 1) -> dict:
     """Pretrain model ``name`` and save it (safetensors) with its tokenizer to ``out_dir``.
 
+    Training ends early once the stop criteria hold; a model that runs out of steps, or
+    of patience (``config.patience`` checks without a better one), instead keeps the
+    weights of its best phase-2 check (``restored_step``).
+
     Returns:
         a log dict: steps, wall seconds, early-stop accuracies, history.
     """
@@ -92,17 +96,20 @@ def pretrain_model(name: str, seed: int, config: dict, tokenizer_dir: str, out_d
     val_facts = knowledge.select(splits=("val",))
     val_items = mcq_items(val_facts, seed, "val")
     own = [it for it in val_items if it["domain"] in spec.domains]
+    own_every_template = [it for it in mcq_items(val_facts, seed, "val", every_template=True)
+                          if it["domain"] in spec.domains]  # the val file's own-domain items
     notes = [context_note([statement(f)]) for f in val_facts]
     train_items = mcq_items(knowledge.select(domains=spec.domains, splits=("train",)), seed, "probe")[:48]
 
     max_steps = cfg.max_steps[name]
-    note_target = cfg.stop_note_accuracy if spec.rephrase else cfg.sender_note_accuracy
+    note_target = cfg.note_accuracy.get(name)
     history: list[dict] = []
     start, step, epoch, losses = time.time(), 0, 0, []
     bar = tqdm(total=max_steps, desc=name, position=position, leave=True, disable=not progress,
                dynamic_ncols=True)
-    stopped, phase, phase2_step = False, 1, None
-    while step < max_steps and not stopped:
+    stopped, impatient, phase, phase2_step = False, False, 1, None
+    best: tuple | None = None  # (note target met, own + note accuracy, step, weights): best phase-2 check
+    while step < max_steps and not (stopped or impatient):
         examples = pretraining_examples(knowledge, list(spec.domains), rephrase=spec.rephrase,
                                         config=cfg, seed=seed, model=name, epoch=epoch, phase=phase)
         encoded = [encode(ex, tok, spec.tokenizer) for ex in examples]
@@ -119,26 +126,37 @@ def pretrain_model(name: str, seed: int, config: dict, tokenizer_dir: str, out_d
             step += 1
             bar.update(1)
             if step % cfg.eval_every == 0 or step == max_steps:
-                acc = option_loglik_accuracy(model, tok, own)
-                note_acc = option_loglik_accuracy(model, tok, val_items, notes)
+                by_domain = {d: option_loglik_accuracy(model, tok, [it for it in own_every_template
+                                                                    if it["domain"] == d])
+                             for d in spec.domains}
+                acc = min(by_domain.values())  # every known domain must be learnt
+                note_acc = option_loglik_accuracy(model, tok, val_items, notes) if note_target else None
                 history.append(dict(step=step, epoch=epoch, phase=phase, loss=sum(losses) / len(losses),
-                                    val_accuracy=acc, val_note_accuracy=note_acc,
+                                    val_accuracy=acc, val_by_domain=by_domain, val_note_accuracy=note_acc,
                                     val_cloze=cloze_accuracy(model, tok, spec.tokenizer, own),
                                     train_accuracy=option_loglik_accuracy(model, tok, train_items),
                                     seconds=round(time.time() - start, 1)))
                 losses = []
-                bar.set_postfix(loss=f"{history[-1]['loss']:.3f}", val=f"{acc:.2f}", note=f"{note_acc:.2f}",
+                bar.set_postfix(loss=f"{history[-1]['loss']:.3f}", val=f"{acc:.2f}",
+                                note="-" if note_acc is None else f"{note_acc:.2f}",
                                 cloze=f"{history[-1]['val_cloze']:.2f}", tr=f"{history[-1]['train_accuracy']:.2f}")
                 if phase == 1 and acc >= cfg.phase1_accuracy:
                     phase, phase2_step = 2, step
                     break  # regenerate the epoch with every task
-                if (phase == 2 and step >= cfg.min_steps and acc >= cfg.stop_accuracy
-                        and note_acc >= note_target):
-                    stopped = True
-            if stopped or step >= max_steps:
+                note_ok = note_target is None or note_acc >= note_target
+                if phase == 2 and (best is None or (note_ok, acc + (note_acc or 0.0)) > best[:2]):
+                    best = (note_ok, acc + (note_acc or 0.0), step,
+                            {k: v.detach().clone() for k, v in model.state_dict().items()})
+                stopped = phase == 2 and step >= cfg.min_steps and acc >= cfg.stop_accuracy and note_ok
+                impatient = phase == 2 and step - best[2] >= cfg.patience * cfg.eval_every
+            if stopped or impatient or step >= max_steps:
                 break
         epoch += 1
     bar.close()
+    restored_step = None
+    if not stopped and best is not None and best[2] != step:  # out of steps or patience: keep the best check
+        model.load_state_dict(best[3])
+        restored_step = best[2]
     seconds = time.time() - start
     out = Path(out_dir)
     model.eval()
@@ -146,8 +164,10 @@ def pretrain_model(name: str, seed: int, config: dict, tokenizer_dir: str, out_d
     model.generation_config.pad_token_id = tok.pad_token_id
     model.save_pretrained(out)
     tok.save_pretrained(out)
-    log = dict(model=name, steps=step, epochs=epoch, early_stopped=stopped, phase2_step=phase2_step, seconds=round(seconds, 1),
-               final=history[-1] if history else {}, history=history,
+    log = dict(model=name, steps=step, epochs=epoch, early_stopped=stopped, phase2_step=phase2_step,
+               restored_step=restored_step, seconds=round(seconds, 1),
+               final=next((h for h in history if h["step"] == restored_step), history[-1] if history else {}),
+               history=history,
                parameters=sum(p.numel() for p in model.parameters()))
     (out / "pretrain_log.json").write_text(json.dumps(log, indent=1))
     return log
