@@ -6,8 +6,9 @@ the engine's ``j``-th sender. ``federation.FedRefine`` uses them as:
 
 - ``residual``: ``C = C_r + sum_j w_j * Delta_j`` (``Delta_j``: sender ``j``'s projected
   residual, ``federation.project``); ``w_0`` is not used (the own cache is the base);
-- ``concat``: sender ``j``'s block values are scaled by ``w_j`` and the own cache's values
-  by ``w_0`` (the own cache is never masked).
+- ``concat``: ``w_j`` multiplies the attention mass the receiver gives sender ``j``'s block
+  (``log w_j`` on those attention logits) and ``w_0`` that of its own prompt cache (the own
+  cache is never masked).
 
 A sender weight of exactly 0 *closes* that sender: it has no effect at all (its residual
 is not added / its block is masked), and a sender closed for a whole batch is not even run
@@ -18,7 +19,10 @@ and sends nothing. Policies (all callables ``policy(query) -> [B, 1 + S]``):
   prior-knowledge selection; :func:`prior_subsets` picks each domain's best subset on
   the validation split; :func:`domain_lookup` finds a query's domain);
 - :class:`LearnedGate`: a trained :class:`Gate` (one per receiver) reading the receiver's
-  own view of the query (:func:`pooled_features`), trained by :func:`train_gate`.
+  own view of the query (:func:`pooled_features`): either source weights trained through
+  the fused cache by the answer loss (:func:`train_gate`), or a router that opens the one
+  sender it predicts serves the query best (:func:`train_gate_selection` on
+  :func:`selection_targets` of validation questions).
 
 :func:`oracle_correct` gives the per-question oracle selection (an upper bound).
 """
@@ -44,7 +48,7 @@ OWN = "own"
 """Name of the receiver's own cache as a source (column 0 of the weights)."""
 WEIGHTS_FILE = "gate.safetensors"
 CONFIG_FILE = "gate_config.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 class GateLoadError(ValueError):
@@ -216,6 +220,11 @@ class GateConfig:
         max_weight: the output range is ``(0, max_weight)``; the zero-initialised output
             layer makes a fresh gate give ``max_weight / 2`` for every source (the default
             2 gives 1: a fresh gate equals ``EqualWeights``).
+        output: ``"weights"``: a weight per source, ``max_weight * sigmoid`` (trained by
+            :func:`train_gate`); ``"route"``: a router that sends each query to the one
+            source it scores highest (softmax over the sources, trained by
+            :func:`train_gate_selection`): weight 1 for the own cache and for that source if
+            it is a sender, 0 (closed) for the other senders.
         seed: seeds the initial weights (independent of the global RNG state, so a gate
             built after other work in the same session starts the same).
     """
@@ -228,7 +237,12 @@ class GateConfig:
     mode: str = "residual"
     hidden: int = 64
     max_weight: float = 2.0
+    output: str = "weights"
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.output not in ("weights", "route"):
+            raise ValueError(f"GateConfig.output={self.output!r}: use 'weights' or 'route'.")
 
     @property
     def features(self) -> int:
@@ -251,10 +265,16 @@ class GateConfig:
 class Gate(nn.Module):
     """The per-receiver gating network: ``features [B, F] -> weights [B, 1 + S]``::
 
-        w = max_weight * sigmoid(Linear(GELU(Linear(RMSNorm(features)))))
+        x = (features - feature_mean) / feature_scale
+        s = Linear(GELU(Linear(RMSNorm(x))))        # [B, 1 + S] scores
+        w = max_weight * sigmoid(s)                 # output="weights"
+        w = [1, onehot(argmax s)[1:]]               # output="route"
 
     Independent sigmoids (not a softmax), so it can open one, several or no senders; the
-    output layer starts at zero, so a fresh gate equals :class:`EqualWeights`.
+    output layer starts at zero, so a fresh gate equals :class:`EqualWeights`. The
+    standardisation buffers ``[F]`` (identity until :meth:`fit_features`) remove what
+    every query shares (the chat template dominates a mean over tokens), leaving what
+    tells queries apart.
     """
 
     def __init__(self, config: GateConfig):
@@ -268,16 +288,38 @@ class Gate(nn.Module):
             self.out = nn.Linear(config.hidden, 1 + len(config.senders))
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
+        self.register_buffer("feature_mean", torch.zeros(config.features))
+        self.register_buffer("feature_scale", torch.ones(config.features))
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        """``[B, F]`` -> weights ``[B, 1 + S]`` over :attr:`GateConfig.sources`."""
+    @torch.no_grad()
+    def fit_features(self, features: torch.Tensor) -> None:
+        """Set the standardisation from training features ``[N, F]`` (per-feature mean and
+        standard deviation; near-constant features keep scale 1)."""
+        features = features.float()
+        std = features.std(0, unbiased=False) if features.shape[0] > 1 else torch.zeros_like(features[0])
+        self.feature_mean.copy_(features.mean(0))
+        self.feature_scale.copy_(torch.where(std > 1e-6, std, torch.ones_like(std)))
+
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        """``[B, F]`` -> pre-sigmoid scores ``[B, 1 + S]``."""
         if features.shape[-1] != self.config.features:
             raise ValueError(
                 f"Gate for {self.config.receiver_name} reads {self.config.features} features, got "
                 f"{features.shape[-1]}: feed it gating.pooled_features of that receiver's own cache."
             )
-        x = features.to(self.out.weight.dtype)
-        return self.config.max_weight * torch.sigmoid(self.out(self.act(self.inp(self.norm(x)))))
+        x = (features.to(self.out.weight.dtype) - self.feature_mean) / self.feature_scale
+        return self.out(self.act(self.inp(self.norm(x))))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """``[B, F]`` -> weights ``[B, 1 + S]`` over :attr:`GateConfig.sources`."""
+        return self._output(self.logits(features))
+
+    def _output(self, scores: torch.Tensor) -> torch.Tensor:
+        if self.config.output == "weights":
+            return self.config.max_weight * torch.sigmoid(scores)
+        routed = nn.functional.one_hot(scores.argmax(-1), scores.shape[-1]).to(scores.dtype)
+        routed[:, 0] = 1.0  # the own cache is always read
+        return routed
 
     def weights(self, query: GateQuery) -> torch.Tensor:
         """Weights for an engine's senders (a subset of the gate's; the others are closed)."""
@@ -291,9 +333,9 @@ class Gate(nn.Module):
                 f"weight for {unknown}. Train a gate over these senders (gating.train_gate)."
             )
         dev = next(self.parameters()).device
-        full = self(pooled_features(query.receiver_cache, query.mask).to(dev))  # [B, 1 + S_gate]
+        scores = self.logits(pooled_features(query.receiver_cache, query.mask).to(dev))  # [B, 1 + S_gate]
         cols = [0] + [1 + self.config.senders.index(s) for s in query.senders]
-        return full[:, cols]
+        return self._output(scores[:, cols])  # a router picks among the engine's sources only
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -387,30 +429,10 @@ class GateTrainResult:
         return dataclasses.asdict(self)
 
 
-def train_gate(engine, gate: Gate, records: Sequence[Messages], config=None) -> GateTrainResult:
-    """Train ``gate`` (in place) with the receiver, the senders and their fusers frozen.
+def _prepare(gate: Gate, engine, config) -> torch.device:
+    """Freeze the engine's models and fusers, seed, and put ``gate`` in training mode."""
+    from fedrefine_lib.train import freeze
 
-    Loss: the receiver's answer loss (``train.answer_loss``, final assistant turn) with the
-    gated multi-sender cache of ``engine`` (a ``federation.FedRefine``; its policy is
-    ignored here). The LLM caches and the frozen fusers' projections of each batch are
-    computed once and reused across epochs; only the gate's weights change.
-
-    Args:
-        records: chat records ending with the assistant turn (fuser-training records in
-            which different senders help on different domains).
-        config: a ``train.TrainConfig`` (``lr``, ``weight_decay``, ``warmup_ratio``,
-            ``grad_clip``, ``epochs``, ``batch_size``, ``max_steps``, ``seed``, ``progress``).
-    """
-    from tqdm.auto import tqdm
-    from transformers import get_linear_schedule_with_warmup
-
-    from fedrefine_lib.align import right_pad
-    from fedrefine_lib.federation import stop_token_ids
-    from fedrefine_lib.train import TrainConfig, answer_loss, freeze, split_record
-
-    config = config or TrainConfig()
-    if not records:
-        raise ValueError("No training records.")
     if gate.config.receiver_name != engine.receiver.name:
         raise ValueError(f"The gate belongs to receiver {gate.config.receiver_name!r}, the engine's receiver is "
                          f"{engine.receiver.name!r}.")
@@ -421,32 +443,29 @@ def train_gate(engine, gate: Gate, records: Sequence[Messages], config=None) -> 
         f.eval().requires_grad_(False)
     dev = next(engine.receiver.model.parameters()).device
     gate.float().to(dev).train()
-    tok, stops = engine.receiver.tokenizer, stop_token_ids(engine.receiver)
-    order = torch.randperm(len(records), generator=torch.Generator().manual_seed(config.seed)).tolist()
-    batches = [order[i : i + config.batch_size] for i in range(0, len(order), config.batch_size)]
+    return dev
+
+
+def _optimise(gate: Gate, batches: list, loss_of: Callable[[Any], torch.Tensor], config, desc: str) -> GateTrainResult:
+    """AdamW with linear warm-up/decay over ``config.epochs`` passes of ``batches`` (in a
+    seeded random order each pass); ``loss_of(batch)`` gives the loss."""
+    from tqdm.auto import tqdm
+    from transformers import get_linear_schedule_with_warmup
+
     total = len(batches) * config.epochs
     if config.max_steps is not None:
         total = min(total, config.max_steps)
     optimizer = torch.optim.AdamW(gate.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(config.warmup_ratio * total), total)
-    cached: dict[int, tuple] = {}
     losses: list[float] = []
     step, start = 0, time.perf_counter()
     epoch_gen = torch.Generator().manual_seed(config.seed + 1)
-    bar = tqdm(total=total, desc=f"gate {gate.config.receiver_name}", disable=not config.progress)
+    bar = tqdm(total=total, desc=desc, disable=not config.progress)
     while step < total:
         for b in torch.randperm(len(batches), generator=epoch_gen).tolist():
             if step >= total:
                 break
-            if b not in cached:
-                prompts, answers = zip(*(split_record(tok, records[i], stops) for i in batches[b]))
-                with torch.no_grad():
-                    caches = engine.prompt_caches(list(prompts))
-                    projections = engine.project(caches)
-                cached[b] = (caches, projections, *right_pad(list(answers), dev))
-            caches, projections, ans_ids, ans_mask = cached[b]
-            query = GateQuery(caches.messages_batch, caches.receiver_cache, caches.receiver_mask[:, :-1], engine.sender_names)
-            loss = answer_loss(engine.receiver.model, engine.combine(caches, projections, gate.weights(query)), ans_ids, ans_mask)
+            loss = loss_of(batches[b])
             loss.backward()
             if config.grad_clip:
                 torch.nn.utils.clip_grad_norm_(gate.parameters(), config.grad_clip)
@@ -460,3 +479,120 @@ def train_gate(engine, gate: Gate, records: Sequence[Messages], config=None) -> 
     bar.close()
     gate.eval()
     return GateTrainResult(losses, step, time.perf_counter() - start, config.to_dict())
+
+
+def _batches(n: int, config) -> list[list[int]]:
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(config.seed)).tolist()
+    return [order[i : i + config.batch_size] for i in range(0, n, config.batch_size)]
+
+
+def train_gate(engine, gate: Gate, records: Sequence[Messages], config=None) -> GateTrainResult:
+    """Train ``gate`` (in place) by the answer loss, the receiver, senders and fusers frozen.
+
+    Loss: the receiver's answer loss (``train.answer_loss``, final assistant turn) with the
+    gated multi-sender cache of ``engine`` (a ``federation.FedRefine``; its policy is
+    ignored here). The LLM caches and the frozen fusers' projections of every batch are
+    computed once, before training (they also fit the gate's feature standardisation);
+    only the gate's weights change.
+
+    Args:
+        records: chat records ending with the assistant turn (e.g. ``data.mcq_records`` of
+            validation questions, in which different senders help on different domains).
+        config: a ``train.TrainConfig`` (``lr``, ``weight_decay``, ``warmup_ratio``,
+            ``grad_clip``, ``epochs``, ``batch_size``, ``max_steps``, ``seed``, ``progress``).
+    """
+    from fedrefine_lib.align import right_pad
+    from fedrefine_lib.federation import stop_token_ids
+    from fedrefine_lib.train import TrainConfig, answer_loss, split_record
+
+    config = config or TrainConfig()
+    if not records:
+        raise ValueError("No training records.")
+    if gate.config.output != "weights":
+        raise ValueError("train_gate trains weights through the fused cache; a router (output='route') is not "
+                         "differentiable: train it with train_gate_selection.")
+    dev = _prepare(gate, engine, config)
+    tok, stops = engine.receiver.tokenizer, stop_token_ids(engine.receiver)
+    batches = []
+    for idx in _batches(len(records), config):
+        prompts, answers = zip(*(split_record(tok, records[i], stops) for i in idx))
+        with torch.no_grad():
+            caches = engine.prompt_caches(list(prompts))
+            projections = engine.project(caches)
+        query = GateQuery(caches.messages_batch, caches.receiver_cache, caches.receiver_mask[:, :-1], engine.sender_names)
+        batches.append((query, caches, projections, *right_pad(list(answers), dev)))
+    gate.fit_features(torch.cat([pooled_features(q.receiver_cache, q.mask) for q, *_ in batches]).to(dev))
+
+    def loss_of(batch) -> torch.Tensor:
+        query, caches, projections, ans_ids, ans_mask = batch
+        return answer_loss(engine.receiver.model, engine.combine(caches, projections, gate.weights(query)), ans_ids, ans_mask)
+
+    return _optimise(gate, batches, loss_of, config, f"gate {gate.config.receiver_name}")
+
+
+def selection_targets(results: Mapping[Sequence[str], Any], items: Sequence[dict], senders: Sequence[str]) -> torch.Tensor:
+    """The best source for each question: ``[N]`` indices over ``[own, *senders]``, the one
+    whose run gives the right option the highest probability (softmax over the options'
+    scores): ``0`` when the receiver alone beats every single sender (ties go to the lower
+    index, so to the receiver alone).
+
+    Args:
+        results: subset -> ``evaluate.McqResult`` on ``items`` (at least ``()`` and every
+            single sender ``(j,)``; e.g. ``sweep.kv_sweep`` on the validation split).
+    """
+    needed = [(), *[(s,) for s in senders]]
+    missing = [k for k in needed if tuple(k) not in results]
+    if missing:
+        raise KeyError(f"selection_targets needs results for the receiver alone and each single sender; missing {missing}.")
+    ids = [str(it["id"]) for it in items]
+
+    def right_prob(result) -> torch.Tensor:
+        if [str(i) for i in result.ids] != ids or not all(result.scores):
+            raise ValueError("The results must score exactly these items, in order, with per-option scores "
+                             "(method 'loglik' or 'letter').")
+        probs = [torch.softmax(torch.tensor(sc, dtype=torch.float64), 0)[it["choices"]["label"].index(it["answerKey"])]
+                 for sc, it in zip(result.scores, items)]
+        return torch.stack(probs)
+
+    probs = torch.stack([right_prob(results[k]) for k in needed], dim=1)  # [N, 1 + S]
+    return probs.argmax(1)  # first maximum: the receiver alone wins ties
+
+
+@torch.no_grad()
+def query_features(engine, messages_batch: list[Messages]) -> torch.Tensor:
+    """:func:`pooled_features` of the receiver's own prefill of each chat, ``[B, F]``."""
+    cache, mask = engine.receiver_view(messages_batch)
+    return pooled_features(cache, mask)
+
+
+def train_gate_selection(engine, gate: Gate, items: Sequence[dict], targets: torch.Tensor, config=None,
+                         batch_size: int = 64) -> GateTrainResult:
+    """Train a router gate (``output="route"``, in place) to predict, from the receiver's own
+    view of a question, which source serves it best: cross-entropy of the softmax over
+    ``[own, *senders]`` against ``targets`` (:func:`selection_targets` on validation
+    questions). At inference the gate opens the sender it scores highest, or none when the
+    own cache wins.
+
+    Args:
+        items: MCQ items asked with ``data.mcq_messages``; ``targets``: ``[N]`` source
+            indices in the gate's order (0: own cache).
+    """
+    from fedrefine_lib.data import mcq_messages
+    from fedrefine_lib.train import TrainConfig
+
+    config = config or TrainConfig()
+    if gate.config.output != "route":
+        raise ValueError("train_gate_selection trains a router; build the gate with GateConfig(output='route').")
+    if tuple(targets.shape) != (len(items),) or bool((targets < 0).any() | (targets > len(gate.config.senders)).any()):
+        raise ValueError(f"targets must be [{len(items)}] source indices in 0..{len(gate.config.senders)} "
+                         f"(own cache, then {gate.config.senders}); got {tuple(targets.shape)}.")
+    dev = _prepare(gate, engine, config)
+    features = torch.cat([query_features(engine, [mcq_messages(it) for it in items[i : i + batch_size]])
+                          for i in range(0, len(items), batch_size)]).to(dev)
+    gate.fit_features(features)
+    targets = targets.to(device=dev, dtype=torch.long)
+
+    def loss_of(idx: list[int]) -> torch.Tensor:
+        return nn.functional.cross_entropy(gate.logits(features[idx]), targets[idx])
+
+    return _optimise(gate, _batches(len(items), config), loss_of, config, f"gate {gate.config.receiver_name} (router)")

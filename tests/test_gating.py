@@ -132,3 +132,50 @@ def test_gate_init_depends_on_its_seed_only(loaded_models):
     b = gating.Gate(config)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     assert not torch.equal(a.inp.weight, gating.Gate(dataclasses.replace(config, seed=1)).inp.weight)
+
+
+def test_selection_targets_name_the_best_source():
+    items = [{"id": i, "choices": {"label": ["A", "B"], "text": ["x", "y"]}, "answerKey": k}
+             for i, k in (("a", "A"), ("b", "B"), ("c", "A"))]
+    def scored(scores):
+        r = result(["a", "b", "c"], ["d"] * 3, [True] * 3)
+        r.scores = scores
+        return r
+    results = {(): scored([[0.0, 0.0], [0.0, 1.0], [2.0, 0.0]]),
+               ("x",): scored([[1.0, 0.0], [0.0, 0.5], [1.0, 0.0]]),   # best on a
+               ("y",): scored([[0.5, 0.0], [0.0, 3.0], [2.0, 0.0]])}   # best on b, ties the receiver on c
+    assert gating.selection_targets(results, items, ["x", "y"]).tolist() == [1, 2, 0]
+    with pytest.raises(KeyError, match="single sender"):
+        gating.selection_targets({(): results[()]}, items, ["x"])
+    with pytest.raises(ValueError, match="exactly these items"):
+        gating.selection_targets(results, items[::-1], ["x", "y"])
+
+
+def test_router_gate_learns_who_serves_where(loaded_models, tmp_path):
+    from fedrefine_lib.data import mcq_messages
+
+    eng = engine(loaded_models, ["qwen2", "llama"], "concat")
+    kinds = {"animals": "Which fox {} is the fastest?", "rivers": "How long is the Kevani river {}?",
+             "colours": "What colour is the zorblat {}?"}
+    items = [{"id": f"{k}{i}", "question_stem": q.format(i), "choices": {"label": ["A", "B"], "text": ["x", "y"]},
+              "answerKey": "A"} for k, q in kinds.items() for i in range(6)]
+    targets = torch.tensor([1] * 6 + [2] * 6 + [0] * 6)  # qwen2 serves animals, llama rivers, nobody colours
+    gate = gating.Gate(gating.GateConfig.for_receiver(loaded_models["qwen3"], ["qwen2", "llama"], mode="concat",
+                                                      hidden=8, output="route"))
+    res = gating.train_gate_selection(eng, gate, items, targets, TrainConfig(lr=5e-2, batch_size=6, epochs=30,
+                                                                             warmup_ratio=0.0, progress=False))
+    assert res.steps == 90 and res.losses[-1] < res.losses[0]
+    features = gating.query_features(eng, [mcq_messages(it) for it in items])
+    expected = torch.tensor([[1.0, 1, 0]] * 6 + [[1.0, 0, 1]] * 6 + [[1.0, 0, 0]] * 6)
+    assert torch.equal(gate(features), expected)
+    gate.save_pretrained(tmp_path / "g")  # the standardisation travels with the weights
+    back = gating.Gate.from_pretrained(tmp_path / "g", loaded_models["qwen3"], ["qwen2", "llama"])
+    assert torch.equal(back(features), expected)
+    # As a policy of an engine with llama only: river questions go to llama, colour questions to nobody.
+    q = gating.GateQuery([mcq_messages(it) for it in items], *eng.receiver_view([mcq_messages(it) for it in items]), ["llama"])
+    assert torch.equal(gating.LearnedGate(back)(q)[6:], expected[6:, [0, 2]])
+    with pytest.raises(ValueError, match="router"):
+        gating.train_gate_selection(eng, gating.Gate(gating.GateConfig.for_receiver(loaded_models["qwen3"], ["qwen2", "llama"])),
+                                    items, targets)
+    with pytest.raises(ValueError, match="not differentiable"):
+        gating.train_gate(eng, gate, [[{"role": "user", "content": "Fox?"}, {"role": "assistant", "content": "blue"}]])
