@@ -11,7 +11,7 @@ RESULTS    := results/$(PROFILE)
 NOTEBOOKS  := $(sort $(wildcard notebooks/[0-9]*.ipynb))
 # Extra runs after the series, per profile: notebook | output name | papermill parameters.
 # mini: 01 again with a sender whose cache holds its answers (see the probe in 01).
-EXTRA_mini := 01_c2c|c2c_qwen2.5-1.5b|-p sender_name mini-qwen2.5-1.5b -p ablations False
+EXTRA_mini := 01_c2c|c2c_qwen2.5-1.5b|-p sender_name mini-qwen2.5-1.5b -y 'ablations: []'
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
@@ -45,12 +45,12 @@ reproduce: $(STAMP)
 	    --cwd notebooks --log-level WARNING; \
 	  echo "== $$name done in $$(( $$(date +%s) - start )) s"; \
 	done
-	@set -e; if [ -n "$(EXTRA_$(PROFILE))" ]; then \
-	  nb=$$(echo "$(EXTRA_$(PROFILE))" | cut -d'|' -f1); out=$$(echo "$(EXTRA_$(PROFILE))" | cut -d'|' -f2); \
-	  params=$$(echo "$(EXTRA_$(PROFILE))" | cut -d'|' -f3); start=$$(date +%s); \
+	@set -e; extra="$(EXTRA_$(PROFILE))"; if [ -n "$$extra" ]; then \
+	  nb=$$(echo "$$extra" | cut -d'|' -f1); out=$$(echo "$$extra" | cut -d'|' -f2); \
+	  params=$$(echo "$$extra" | cut -d'|' -f3); start=$$(date +%s); \
 	  echo "== $$nb as $$out (profile=$(PROFILE))"; \
-	  $(PY) -m papermill notebooks/$$nb.ipynb $(RESULTS)/executed/$$out.ipynb -k $(KERNEL) -p profile $(PROFILE) \
-	    -p results_dir ../$(RESULTS)/$$out $$params --cwd notebooks --log-level WARNING; \
+	  eval "$(PY) -m papermill notebooks/$$nb.ipynb $(RESULTS)/executed/$$out.ipynb -k $(KERNEL) -p profile $(PROFILE) \
+	    -p results_dir ../$(RESULTS)/$$out $$params --cwd notebooks --log-level WARNING"; \
 	  echo "== $$out done in $$(( $$(date +%s) - start )) s"; \
 	fi
 

@@ -180,6 +180,12 @@ def mcq_messages(item: dict, context: str | None = None) -> list[dict]:
     return [{"role": "user", "content": body}]
 
 
+def mcq_records(items: Sequence[dict]) -> list[list[dict]]:
+    """Chat records answering MCQ items with their correct option's text (the scored
+    continuation): training records made from a split's questions, e.g. the gate's."""
+    return [mcq_messages(it) + [{"role": "assistant", "content": answer_text(it)}] for it in items]
+
+
 def background_messages(question_stem: str) -> list[dict]:
     """Ask a T2T sender for one background sentence for a question (no options)."""
     return [{"role": "user", "content": f"{BACKGROUND_INSTRUCTION}\nQuestion: {question_stem}"}]

@@ -96,6 +96,9 @@ class Prefill:
         prefix_mask: ``[B, P]`` mask of ``P`` cache columns placed *before* the receiver's
             own prompt (``concat`` fusion: the senders' projected caches), or None (``P = 0``).
             Prefix columns take no position: the receiver's tokens keep their own positions.
+        cache_bias: ``[B, P + T-1]`` added to the attention logits of every query on those
+            cache columns (``concat`` fusion: ``log w`` of each column's source, so a source's
+            weight multiplies the attention mass it gets), or None (no bias).
     """
 
     input_ids: torch.Tensor
@@ -103,6 +106,7 @@ class Prefill:
     cache: KVCache
     trace: Trace
     prefix_mask: torch.Tensor | None = None
+    cache_bias: torch.Tensor | None = None
 
     @property
     def full_mask(self) -> torch.Tensor:
@@ -115,7 +119,8 @@ class Prefill:
         """Rows ``index`` of the batch (e.g. one copy per answer option)."""
         idx = torch.as_tensor(index, dtype=torch.long, device=self.input_ids.device)
         prefix = None if self.prefix_mask is None else self.prefix_mask[idx]
-        return Prefill(self.input_ids[idx], self.attention_mask[idx], self.cache.select(idx), self.trace, prefix)
+        bias = None if self.cache_bias is None else self.cache_bias[idx]
+        return Prefill(self.input_ids[idx], self.attention_mask[idx], self.cache.select(idx), self.trace, prefix, bias)
 
 
 class Engine(Protocol):
@@ -310,6 +315,8 @@ class C2C:
 # ---------------------------------------------------------------- multi-sender
 
 MODES = ("residual", "concat")
+MIN_WEIGHT = 1e-6
+"""``concat``: weights below this count as this in ``log w`` (a weight of 0 masks its block)."""
 
 
 @dataclass
@@ -346,10 +353,13 @@ class FedRefine:
         ``residual``: ``C = C_r + sum_j w_j * Delta_j`` with ``Delta_j`` sender ``j``'s C2C
             residual (:func:`project`); senders read the receiver's text (or a
             ``sender_views`` control), aligned token by token.
-        ``concat``: ``C = [w_1 P_1(C_1) ; ... ; w_S P_S(C_S) ; w_0 C_r]`` along the sequence
-            (``w`` scales values; a sender block with ``w_j = 0`` is masked, the own cache
-            is never masked), each block with its own mask and no position of its own
-            in the receiver (:attr:`Prefill.prefix_mask`); ``P_j`` is a
+        ``concat``: ``C = [P_1(C_1) ; ... ; P_S(C_S) ; C_r]`` along the sequence, each
+            block with its own mask and no position of its own in the receiver
+            (:attr:`Prefill.prefix_mask`); source ``j``'s weight multiplies the attention
+            mass every receiver query gives its block (``log w_j`` is added to those
+            attention logits, :attr:`Prefill.cache_bias`; ``w_0`` for the own prompt cache):
+            1 is plain concatenation, 0 masks a sender block (the own cache is never
+            masked, only down-weighted to :data:`MIN_WEIGHT`); ``P_j`` is a
             ``concat.ConcatFuser`` reading sender ``j``'s cache alone, so senders may read
             different texts (``sender_views``), with no token alignment.
 
@@ -400,7 +410,9 @@ class FedRefine:
                 raise KeyError(f"No fuser for {sender.name}->{self.receiver.name}: the fusers given are for "
                                f"{sorted(fusers)}. Give one per sender (or a FuserHub).")
             return fusers[sender.name]
-        variant = variant or ("concat" if self.mode == "concat" else "default")
+        from fedrefine_lib.hub import default_variant
+
+        variant = variant or default_variant(self.mode)
         if not fusers.has(sender.name, self.receiver.name, variant):
             fusers.get(sender, self.receiver, variant)  # raises MissingFuserError naming the pair
         if self.mode == "concat":
@@ -487,11 +499,17 @@ class FedRefine:
         return w
 
     @torch.no_grad()
+    def receiver_view(self, messages_batch: list[Messages]) -> tuple[KVCache, torch.Tensor]:
+        """The receiver's own prompt cache (per layer ``[B, H, N, D]``) and its mask
+        ``[B, N]``: what a gate sees of a query (no sender runs)."""
+        _, mask, cache = self._receiver(messages_batch, None, Trace())
+        return cache, mask[:, :-1]
+
+    @torch.no_grad()
     def source_weights(self, messages_batch: list[Messages]) -> torch.Tensor:
         """The policy's weights ``[B, 1 + S]`` for a batch, from the receiver's own prefill
         only (no sender runs): what the gate decides, for inspection."""
-        _, mask, cache = self._receiver(messages_batch, None, Trace())
-        return self.weights(messages_batch, cache, mask[:, :-1])
+        return self.weights(messages_batch, *self.receiver_view(messages_batch))
 
     # ------------------------------------------------------------ projection
 
@@ -538,21 +556,23 @@ class FedRefine:
                     values = [v + scale * d for v, d in zip(values, p[1])]
                 cache = KVCache(keys, values, own.seq_len, list(own.sliding))
                 return Prefill(caches.receiver_ids, caches.receiver_mask, cache, trace)
-            blocks, masks = [], []
+            # concat: a source's weight multiplies the attention mass it gets (log w on its columns).
+            log_w = torch.log(w.float().clamp_min(MIN_WEIGHT))
+            blocks, masks, biases = [], [], []
             for j, (p, a) in enumerate(zip(projections, caches.alignments)):
                 if p is None:
                     continue
-                scale = w[:, 1 + j]
-                blocks.append((p.keys, [v.to(dtype) * scale[:, None, None, None].to(dtype) for v in p.values]))
-                masks.append(a.sender_mask.to(dev) * (scale > 0).to(a.sender_mask.dtype)[:, None])
-            own_scale = w[:, 0, None, None, None].to(dtype)
-            blocks.append((own.keys, [v * own_scale for v in own.values]))
+                blocks.append(p)
+                masks.append(a.sender_mask.to(dev) * (w[:, 1 + j] > 0).to(a.sender_mask.dtype)[:, None])
+                biases.append(log_w[:, 1 + j, None].expand(-1, p.seq_len))
+            blocks.append(own)
+            biases.append(log_w[:, 0, None].expand(-1, own.seq_len))
             layers = range(own.num_layers)
-            keys = [torch.cat([b[0][t].to(dtype) for b in blocks], dim=2) for t in layers]
-            values = [torch.cat([b[1][t] for b in blocks], dim=2) for t in layers]
+            keys = [torch.cat([b.keys[t].to(dtype) for b in blocks], dim=2) for t in layers]
+            values = [torch.cat([b.values[t].to(dtype) for b in blocks], dim=2) for t in layers]
             prefix = torch.cat(masks, dim=1) if masks else caches.receiver_mask[:, :0]
             cache = KVCache(keys, values, keys[0].shape[2], list(own.sliding))
-            return Prefill(caches.receiver_ids, caches.receiver_mask, cache, trace, prefix)
+            return Prefill(caches.receiver_ids, caches.receiver_mask, cache, trace, prefix, torch.cat(biases, dim=1))
 
     def fuse(self, caches: MultiCaches, weights: torch.Tensor | None = None) -> Prefill:
         """Project and combine (``train.train_fuser`` calls this with the single sender's
@@ -608,27 +628,74 @@ def continue_prefill(
         ids = torch.cat([ids, continuation.to(ids.device)], dim=1)
         cm = continuation_mask if continuation_mask is not None else torch.ones_like(continuation)
         mask = torch.cat([mask, cm.to(mask)], dim=1)
-    logits, _ = forward(model, ids, mask, prefill.cache.to_cache(model.config), prefill.prefix_mask)
+    logits, _ = forward(model, ids, mask, prefill.cache.to_cache(model.config), prefill.prefix_mask, prefill.cache_bias)
     return logits
 
 
 def forward(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache,
-            prefix_mask: torch.Tensor | None = None):
+            prefix_mask: torch.Tensor | None = None, cache_bias: torch.Tensor | None = None):
     """``kv.forward`` continuing a cache whose first ``P`` columns are a position-less
     prefix (``prefix_mask`` ``[B, P]``): the new tokens' positions do not count it.
 
     Args:
         input_ids: ``[B, new]``; attention_mask: ``[B, P + past + new]``.
+        cache_bias: ``[B, C]`` added to every new token's attention logits on the first
+            ``C`` cache columns (see :func:`biased_attention_mask`), or None.
     Returns:
         logits ``[B, new, vocab]`` and the updated transformers cache.
     """
-    if prefix_mask is None:
+    if prefix_mask is None and cache_bias is None:
         return kvlib.forward(model, input_ids, attention_mask, cache)
     past = cache.get_seq_length()
-    shift = prefix_mask.to(attention_mask).sum(1, keepdim=True)
+    shift = 0 if prefix_mask is None else prefix_mask.to(attention_mask).sum(1, keepdim=True)
     positions = (kvlib.position_ids_from_mask(attention_mask, past) - shift).clamp(min=0)
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, cache=cache, use_cache=True)
+    mask = attention_mask
+    if cache_bias is not None:
+        mask = _biased_masks(model, cache, attention_mask, input_ids.shape[1], cache_bias)
+    out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
     return out.logits, out.cache
+
+
+def _biased_masks(model: torch.nn.Module, cache, attention_mask: torch.Tensor, new: int, bias: torch.Tensor):
+    """The 4D mask(s) for :func:`forward`: one for full attention, and for a model with
+    sliding-window layers (``config.layer_types``) the mapping transformers takes, whose
+    sliding mask keeps the window and covers only the columns those layers still hold."""
+    full = biased_attention_mask(attention_mask, new, bias, model.dtype)  # [B, 1, new, L]
+    windows = kvlib.sliding_windows(model.config)
+    sliding = [i for i, w in enumerate(windows) if w is not None]
+    if not sliding:
+        return full
+    window = windows[sliding[0]] + 1  # the config's sliding_window
+    kv_length, kv_offset = cache.layers[sliding[0]].get_mask_sizes(new)
+    L, dev = attention_mask.shape[1], attention_mask.device
+    query = L - new + torch.arange(new, device=dev)
+    near = torch.arange(L, device=dev)[None, :] > query[:, None] - window  # [new, L]
+    windowed = full.masked_fill(~near, torch.finfo(full.dtype).min)[..., kv_offset : kv_offset + kv_length]
+    return {"full_attention": full, "sliding_attention": windowed}
+
+
+def biased_attention_mask(attention_mask: torch.Tensor, new: int, bias: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The additive 4D mask of ``new`` query tokens continuing a cache, with a bias on the
+    first cache columns (transformers uses a 4D mask as given).
+
+    Args:
+        attention_mask: ``[B, L]`` over the cache and the new tokens (1 = real).
+        bias: ``[B, C]``, ``C <= L - new``, added to the logits on the first ``C`` columns.
+    Returns:
+        ``[B, 1, new, L]`` in ``dtype``: the bias where a query may attend (a real column at
+        or before its own), the dtype's minimum elsewhere.
+    """
+    B, L = attention_mask.shape
+    past = L - new
+    if bias.shape[0] != B or bias.shape[1] > past:
+        raise ValueError(f"cache_bias {tuple(bias.shape)} must cover at most the {past} cache columns of {B} rows.")
+    dev = attention_mask.device
+    causal = torch.arange(L, device=dev)[None, :] <= past + torch.arange(new, device=dev)[:, None]  # [new, L]
+    allowed = causal[None] & attention_mask.bool()[:, None, :]  # [B, new, L]
+    full = torch.zeros(B, L, device=dev, dtype=torch.float32)
+    full[:, : bias.shape[1]] = bias.to(device=dev, dtype=torch.float32)
+    floor = torch.finfo(dtype).min
+    return torch.where(allowed, full[:, None, :], torch.full_like(full[:, None, :], floor))[:, None].to(dtype)
 
 
 def stop_token_ids(receiver) -> set[int]:
@@ -680,7 +747,7 @@ def generate_ids(
         cache = pre.cache.to_cache(model.config)
         step_ids, mask = pre.input_ids[:, -1:], pre.full_mask
         for _ in range(max_new_tokens):
-            logits, cache = forward(model, step_ids, mask, cache, pre.prefix_mask)
+            logits, cache = forward(model, step_ids, mask, cache, pre.prefix_mask, pre.cache_bias)
             nxt = logits[:, -1].argmax(-1)
             nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
             generated.append(nxt)

@@ -13,11 +13,16 @@ Layout on disk::
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
-from dataclasses import replace
+import multiprocessing as mp
+import os
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -27,6 +32,7 @@ from .train import Record, TrainConfig, TrainResult, train_fuser
 
 FUSER_CLASSES: dict[str, type[C2CFuser]] = {"residual": C2CFuser, "concat": ConcatFuser}
 INDEX_FILE = "index.json"
+LOCK_FILE = ".index.lock"
 TRAIN_FILE = "train.json"
 _VOLATILE = {"progress", "loss_curve_path"}  # training settings that do not change the result
 
@@ -58,6 +64,31 @@ def fuser_class(directory: Path) -> type[C2CFuser]:
     return FUSER_CLASSES[kind]
 
 
+def default_variant(kind: str) -> str:
+    """The hub variant a fusion mode's main fusers are stored under: ``"default"`` for
+    residual C2C fusers, the mode's name (``"concat"``) otherwise."""
+    if kind not in FUSER_CLASSES:
+        raise ValueError(f"Unknown fuser kind {kind!r}; known: {sorted(FUSER_CLASSES)}.")
+    return "default" if kind == "residual" else kind
+
+
+@dataclass(frozen=True)
+class FuserJob:
+    """One fuser for :meth:`FuserHub.train_missing`: F_{sender->receiver} of ``variant``,
+    a ``kind`` (``"residual"`` or ``"concat"``) and ``FuserConfig.for_pair`` options."""
+
+    sender: str
+    receiver: str
+    variant: str = "default"
+    kind: str = "residual"
+    options: dict[str, Any] = field(default_factory=dict, hash=False)
+
+    @classmethod
+    def main(cls, sender: str, receiver: str, kind: str, **options: Any) -> "FuserJob":
+        """The pair's main fuser of a fusion mode (stored under :func:`default_variant`)."""
+        return cls(sender, receiver, default_variant(kind), kind, options)
+
+
 class FuserHub:
     """All fusers of a set of models, one directory per ordered pair and variant."""
 
@@ -74,8 +105,17 @@ class FuserHub:
         path = self.root / INDEX_FILE
         return json.loads(path.read_text()) if path.is_file() else {}
 
-    def _write_index(self, index: dict[str, dict[str, Any]]) -> None:
-        (self.root / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    @contextmanager
+    def _updating_index(self) -> Iterator[dict[str, dict[str, Any]]]:
+        """Read, change and write the index under a file lock (workers of
+        :meth:`train_missing` store fusers at the same time)."""
+        with open(self.root / LOCK_FILE, "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            index = self.index()
+            yield index
+            tmp = self.root / f"{INDEX_FILE}.tmp"
+            tmp.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+            os.replace(tmp, self.root / INDEX_FILE)  # readers see the old or the new index, never half
 
     @staticmethod
     def key(sender: str, receiver: str, variant: str = "default") -> str:
@@ -115,22 +155,20 @@ class FuserHub:
         c = fuser.config
         directory = fuser.save_pretrained(self.pair_dir(c.sender_name, c.receiver_name, variant))
         (directory / TRAIN_FILE).write_text(json.dumps({**result.to_dict(), "recipe": recipe}, indent=2) + "\n")
-        index = self.index()
         tail = result.losses[-max(1, len(result.losses) // 10):]
-        index[self.key(c.sender_name, c.receiver_name, variant)] = {
-            "sender": c.sender_name, "receiver": c.receiver_name, "variant": variant,
-            "path": str(directory.relative_to(self.root)), "parameters": fuser.num_parameters(),
-            "layer_map": c.layer_map_kind, "aligner": c.aligner, "hidden": c.hidden,
-            "final_loss": sum(tail) / len(tail), "steps": result.steps, "recipe": recipe, **extra,
-        }
-        self._write_index(index)
+        with self._updating_index() as index:
+            index[self.key(c.sender_name, c.receiver_name, variant)] = {
+                "sender": c.sender_name, "receiver": c.receiver_name, "variant": variant,
+                "path": str(directory.relative_to(self.root)), "parameters": fuser.num_parameters(),
+                "layer_map": c.layer_map_kind, "aligner": c.aligner, "hidden": c.hidden,
+                "final_loss": sum(tail) / len(tail), "steps": result.steps, "recipe": recipe, **extra,
+            }
         return directory
 
     def annotate(self, sender: str, receiver: str, variant: str = "default", **fields: Any) -> None:
         """Add fields (e.g. ``heldout_gain``) to a stored fuser's index entry."""
-        index = self.index()
-        index[self.key(sender, receiver, variant)].update(fields)
-        self._write_index(index)
+        with self._updating_index() as index:
+            index[self.key(sender, receiver, variant)].update(fields)
 
     # ----------------------------------------------------------------- training
 
@@ -151,7 +189,7 @@ class FuserHub:
         """
         train_config = train_config or TrainConfig()
         config = FuserConfig.for_pair(receiver, sender, **fuser_options)
-        wanted = {**recipe(config, train_config, records_hash(records)), "kind": kind}
+        wanted = self.recipe_for(receiver, sender, records, train_config, kind, **fuser_options)
         if not self.has(sender.name, receiver.name, variant, wanted):
             torch.manual_seed(train_config.seed)  # the fuser's initial weights are part of the recipe
             fuser = FUSER_CLASSES[kind](config)
@@ -160,30 +198,50 @@ class FuserHub:
             self.put(fuser.eval(), result, wanted, variant)
         return self.get(sender, receiver, variant), self.training(sender.name, receiver.name, variant)
 
+    @staticmethod
+    def recipe_for(receiver, sender, records: Sequence[Record], train_config: TrainConfig | None = None,
+                   kind: str = "residual", **fuser_options: Any) -> dict[str, Any]:
+        """The recipe a fuser of this pair, kind, options, settings and data is stored under."""
+        config = FuserConfig.for_pair(receiver, sender, **fuser_options)
+        return {**recipe(config, train_config or TrainConfig(), records_hash(records)), "kind": kind}
+
     def train_missing(
-        self, load: Callable[[str], Any], pairs: Sequence[tuple[str, str]], records: Sequence[Record], *,
-        variant: str = "default", train_config: TrainConfig | None = None, kind: str = "residual",
-        **fuser_options: Any,
+        self, load: Callable[[str], Any], jobs: Sequence[FuserJob], records: Sequence[Record], *,
+        train_config: TrainConfig | None = None, workers: int = 1, spec: Callable[[str], Any] | None = None,
+        cache_dir: str | Path | None = None,
     ) -> list[str]:
-        """Train every ``(sender, receiver)`` pair not yet stored with this recipe.
+        """Train every job's fuser not yet stored with its recipe.
 
         Args:
             load: model name -> ``LoadedModel`` (e.g. ``study.model``).
+            workers: fusers trained at once, each in its own process with one torch thread
+                (the same result as one by one). More than 1 needs ``spec``.
+            spec: model name -> ``models.ModelSpec`` (e.g. ``study.profile.spec``), so a
+                worker can load the models; ``cache_dir``: where GGUF conversions are cached.
         Returns:
-            keys of the pairs that were trained (the others were already present).
+            keys of the fusers that were trained (the others were already present).
         """
-        from tqdm.auto import tqdm
+        missing = []
+        for job in jobs:
+            r, s = load(job.receiver), load(job.sender)
+            if not self.has(job.sender, job.receiver, job.variant,
+                            self.recipe_for(r, s, records, train_config, job.kind, **job.options)):
+                missing.append(job)
+        if workers > 1 and len(missing) > 1:
+            if spec is None:
+                raise ValueError("train_missing(workers > 1) needs spec (model name -> ModelSpec) to load models in the workers.")
+            args = [(str(self.root), spec(j.receiver), spec(j.sender), j, list(records), train_config,
+                     None if cache_dir is None else str(cache_dir)) for j in missing]
+            with ProcessPoolExecutor(min(workers, len(missing)), mp_context=mp.get_context("spawn")) as pool:
+                for future in [pool.submit(_train_job, *a) for a in args]:
+                    future.result()
+        else:
+            from tqdm.auto import tqdm
 
-        trained = []
-        for sender, receiver in tqdm(pairs, desc="fuser hub"):
-            r, s = load(receiver), load(sender)
-            config = FuserConfig.for_pair(r, s, **fuser_options)
-            wanted = {**recipe(config, train_config or TrainConfig(), records_hash(records)), "kind": kind}
-            if not self.has(sender, receiver, variant, wanted):
-                self.get_or_train(r, s, records, variant=variant, train_config=train_config, kind=kind,
-                                  **fuser_options)
-                trained.append(self.key(sender, receiver, variant))
-        return trained
+            for job in tqdm(missing, desc="fuser hub", disable=not missing):
+                self.get_or_train(load(job.receiver), load(job.sender), records, variant=job.variant,
+                                  train_config=train_config, kind=job.kind, **job.options)
+        return [self.key(j.sender, j.receiver, j.variant) for j in missing]
 
     def summary(self):
         """One row per stored fuser: pair, parameters, layer map, aligner, loss, gain."""
@@ -193,3 +251,15 @@ class FuserHub:
                 "steps", "final_loss", "heldout_gain"]
         rows = [{c: e.get(c) for c in cols} for e in self.index().values()]
         return pd.DataFrame(rows, columns=cols)
+
+
+def _train_job(root: str, receiver_spec, sender_spec, job: FuserJob, records: list[Record],
+               train_config: TrainConfig | None, cache_dir: str | None) -> str:
+    """One :meth:`FuserHub.train_missing` job in a worker process (one torch thread)."""
+    from .models import load_model
+
+    torch.set_num_threads(1)
+    receiver, sender = load_model(receiver_spec, cache_dir), load_model(sender_spec, cache_dir)
+    FuserHub(root).get_or_train(receiver, sender, records, variant=job.variant, train_config=train_config,
+                                kind=job.kind, **job.options)
+    return FuserHub.key(job.sender, job.receiver, job.variant)

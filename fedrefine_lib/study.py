@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import importlib.util
+import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,11 +66,23 @@ class Study:
                                          kinds=sources.get("chat_train_kinds"))
         return records[:limit] if limit else records
 
-    def mcq(self, split: str = "test") -> list[dict]:
-        """Multiple-choice items (OpenBookQA schema) of the ``val`` or ``test`` split."""
+    def mcq(self, split: str = "test", limit: int | None = None) -> list[dict]:
+        """Multiple-choice items (OpenBookQA schema) of the ``val`` or ``test`` split.
+
+        Args:
+            limit: keep this many items, taken in turn from each ``domain`` (file order
+                within a domain) so a small limit still covers every domain; None: all.
+        """
         from . import data
 
-        return data.load_mcq(_local_or_hub(self._data_source(f"mcq_{split}"), "mcq"))
+        items = data.load_mcq(_local_or_hub(self._data_source(f"mcq_{split}"), "mcq"))
+        if limit is None or limit >= len(items):
+            return items
+        by_domain: dict[Any, list[dict]] = {}
+        for it in items:
+            by_domain.setdefault(it.get("domain"), []).append(it)
+        turns = [it for row in itertools.zip_longest(*by_domain.values()) for it in row if it is not None]
+        return turns[:limit]
 
     # ------------------------------------------------------------- recipes
 
@@ -79,9 +92,20 @@ class Study:
 
         return TrainConfig.from_dict({**self.settings.get("train", {}), **overrides})
 
+    def gate_train_config(self, **overrides: Any):
+        """The gate's training settings: the profile's ``train:`` block with its ``gate_train:``
+        block on top, then ``overrides`` (None ignored)."""
+        given = {k: v for k, v in overrides.items() if v is not None}
+        return self.train_config(**{**self.settings.get("gate_train", {}), **given})
+
     def fuser_options(self, **overrides: Any) -> dict[str, Any]:
         """The profile's fuser shape (``fuser:`` in its YAML), with overrides (None ignored)."""
         return {**self.settings.get("fuser", {}), **{k: v for k, v in overrides.items() if v is not None}}
+
+    def gate_options(self, **overrides: Any) -> dict[str, Any]:
+        """The profile's gate shape (``gate:`` in its YAML, ``gating.GateConfig`` fields such
+        as ``hidden``), with overrides (None ignored)."""
+        return {**self.settings.get("gate", {}), **{k: v for k, v in overrides.items() if v is not None}}
 
     @property
     def fusion(self) -> str:
@@ -96,13 +120,26 @@ class Study:
     @property
     def fuser_variant(self) -> str:
         """The hub variant holding this profile's fusers (``default`` for residual, else the mode)."""
-        return "default" if self.fusion == "residual" else self.fusion
+        from .hub import default_variant
+
+        return default_variant(self.fusion)
 
     def hub(self):
         """This profile's and seed's fuser hub (``data/<profile>/<seed>/fusers``)."""
         from .hub import FuserHub
 
         return FuserHub(self.artefact_dir("fusers"))
+
+    def train_fusers(self, jobs, records: list[list[dict]], train_config=None) -> list[str]:
+        """Train the fusers of ``jobs`` (``hub.FuserJob``) missing from this study's hub, the
+        profile's ``train_workers`` at a time (worker processes, one torch thread each).
+
+        Returns:
+            keys of the fusers trained (the others were stored with the same recipe).
+        """
+        return self.hub().train_missing(self.model, jobs, records, train_config=train_config,
+                                        workers=int(self.settings.get("train_workers", 1)), spec=self.profile.spec,
+                                        cache_dir=self.data_dir / "converted")
 
     def knows(self, name: str) -> list[str]:
         """Domains a model knows (mini world), else an empty list."""

@@ -23,13 +23,15 @@ def subsets(names: Sequence[str], sizes: Sequence[int] | None = None) -> list[Su
 
 
 def kv_sweep(score: Score, receiver, senders: Sequence, fusers, items: Sequence[dict], *, mode: str = "residual",
-             sender_views=None, only: Sequence[Subset] | None = None) -> dict[Subset, McqResult]:
+             sender_views=None, only: Sequence[Subset] | None = None, policy=None) -> dict[Subset, McqResult]:
     """Score ``items`` with every sender subset through FedRefine (closed senders do not run).
 
     Args:
         score: e.g. ``study.score``.
         fusers: a ``hub.FuserHub`` or ``{sender name: fuser}``.
         only: the subsets to score (default: all).
+        policy: the selection policy within each subset (e.g. a ``gating.LearnedGate`` over
+            all the senders, which weighs just the subset's); None: equal weights.
     """
     names = [s.name for s in senders]
     out = {}
@@ -38,7 +40,7 @@ def kv_sweep(score: Score, receiver, senders: Sequence, fusers, items: Sequence[
             out[subset] = score(receiver, items)
             continue
         chosen = [s for s in senders if s.name in subset]
-        engine = FedRefine(receiver, chosen, fusers, mode=mode, sender_views=sender_views)  # equal weights
+        engine = FedRefine(receiver, chosen, fusers, mode=mode, sender_views=sender_views, policy=policy)
         out[subset] = score(engine, items)
     return out
 

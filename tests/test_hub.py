@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from fedrefine_lib.hub import FuserHub, MissingFuserError
-from fedrefine_lib.models import LoadedModel
+from fedrefine_lib.hub import FuserHub, FuserJob, MissingFuserError
+from fedrefine_lib.models import LoadedModel, ModelSpec, load_model
 from fedrefine_lib.train import TrainConfig
 
 RECORDS = [
@@ -34,10 +34,37 @@ def test_hub_round_trip_and_reuse(tmp_path, pair):
 
     # Same recipe: nothing retrained. Changed recipe: retrained (and reported by train_missing).
     load = {"tiny-qwen3": receiver, "tiny-llama": sender}.get
-    assert hub.train_missing(load, [("tiny-llama", "tiny-qwen3")], RECORDS, train_config=cfg, hidden=16) == []
-    trained = hub.train_missing(load, [("tiny-llama", "tiny-qwen3")], RECORDS, train_config=cfg, hidden=8)
+    job = FuserJob("tiny-llama", "tiny-qwen3", options={"hidden": 16})
+    assert hub.train_missing(load, [job], RECORDS, train_config=cfg) == []
+    trained = hub.train_missing(load, [FuserJob("tiny-llama", "tiny-qwen3", options={"hidden": 8})], RECORDS, train_config=cfg)
     assert trained == ["tiny-llama->tiny-qwen3/default"]
     assert hub.get(sender, receiver).config.hidden == 8
+
+
+def test_train_missing_in_worker_processes_matches_one_by_one(tmp_path, pair):
+    """Two fusers trained in two worker processes are bit-identical to the same fusers
+    trained in this process, and both land in the index."""
+    receiver, sender = pair
+    specs = {}
+    for m in pair:  # workers load models from disk
+        m.model.save_pretrained(tmp_path / m.name)
+        m.tokenizer.save_pretrained(tmp_path / m.name)
+        specs[m.name] = ModelSpec(m.name, str(tmp_path / m.name))
+    local = {n: load_model(s) for n, s in specs.items()}
+    cfg = TrainConfig(lr=1e-2, max_steps=2, batch_size=3, progress=False)
+    jobs = [FuserJob("tiny-llama", "tiny-qwen3", options={"hidden": 8}),
+            FuserJob("tiny-llama", "tiny-qwen3", "concat", "concat", {"hidden": 8})]
+    parallel, serial = FuserHub(tmp_path / "parallel"), FuserHub(tmp_path / "serial")
+    trained = parallel.train_missing(local.get, jobs, RECORDS, train_config=cfg, workers=2, spec=specs.get)
+    assert sorted(trained) == ["tiny-llama->tiny-qwen3/concat", "tiny-llama->tiny-qwen3/default"]
+    assert serial.train_missing(local.get, jobs, RECORDS, train_config=cfg) == trained
+    assert sorted(parallel.index()) == sorted(serial.index())
+    for job in jobs:
+        a = parallel.get(local["tiny-llama"], local["tiny-qwen3"], job.variant).state_dict()
+        b = serial.get(local["tiny-llama"], local["tiny-qwen3"], job.variant).state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a), job.variant
+    with pytest.raises(ValueError, match="needs spec"):
+        FuserHub(tmp_path / "other").train_missing(local.get, jobs, RECORDS, train_config=cfg, workers=2)
 
 
 def test_missing_pair_error_names_it(tmp_path, pair):

@@ -231,3 +231,30 @@ def test_pair_engine_runs_either_fuser_kind(loaded_models, mode):
     wrong = federation.pair_engine(receiver, sender, fuser, sender_view=federation.rotate(1))
     _, lw = logits(wrong, PROMPTS)
     assert not torch.allclose(la, lw, atol=1e-4)  # the control really feeds other caches
+
+
+@pytest.mark.parametrize("receiver", ["qwen3", "llama", "gemma3"])
+def test_concat_weight_multiplies_a_blocks_attention_mass(loaded_models, receiver):
+    """In concat fusion a sender weight w adds log w to its block's attention logits: weight 2
+    is exactly the block placed twice, and with every weight 1 the biased 4D mask equals the
+    plain 2D one (gemma3: sliding-window layers and a prompt longer than the window)."""
+    senders = ["qwen2"] if receiver != "qwen2" else ["llama"]
+    eng = engine(loaded_models, senders, "concat", receiver=receiver)
+    caches = eng.prompt_caches(PROMPTS)
+    (block,) = eng.project(caches)
+    with torch.no_grad():
+        doubled = eng.combine(caches, [block], torch.tensor([[1.0, 2.0]] * 3))
+        ones = eng.combine(caches, [block], torch.ones(3, 2))
+        model = eng.receiver.model
+        twice_keys = [torch.cat([b, k], dim=2) for b, k in zip(block.keys, ones.cache.keys)]
+        twice_values = [torch.cat([b, v], dim=2) for b, v in zip(block.values, ones.cache.values)]
+        twice = federation.Prefill(ones.input_ids, ones.attention_mask,
+                                   federation.KVCache(twice_keys, twice_values, twice_keys[0].shape[2], list(ones.cache.sliding)),
+                                   ones.trace, torch.cat([ones.prefix_mask, ones.prefix_mask], dim=1))
+        la = federation.continue_prefill(model, doubled)
+        lb = federation.continue_prefill(model, twice)
+        torch.testing.assert_close(la, lb, atol=1e-5, rtol=1e-4)
+        plain = federation.Prefill(ones.input_ids, ones.attention_mask, ones.cache, ones.trace, ones.prefix_mask)
+        torch.testing.assert_close(federation.continue_prefill(model, ones), federation.continue_prefill(model, plain),
+                                   atol=1e-5, rtol=1e-4)
+        assert not torch.allclose(la, federation.continue_prefill(model, ones), atol=1e-4)

@@ -81,6 +81,12 @@ def test_notebook_runs_with_smoke_parameters(path, tmp_path_factory):
             node = node[part]
         assert _accuracy_ok(node), f"{metrics_name}: {key} = {node}"
     assert list((results / "figures").glob("*.png")), "the notebook should save its figures"
+    if path.stem == "03_fedrefine":  # the gated sweep covers every sender count; checks are booleans
+        assert metrics["by_senders_gate"]["k"] == [0, 1, 2, 3, 4]
+        assert metrics["checks"] and all(isinstance(v, bool) for v in metrics["checks"].values())
+        assert set(metrics["gate_weights_by_domain"]) == {"science", "code", "biology", "geography", "physics"}
+        assert metrics["parameters"]["gate_objective"] == "selection"
+        assert all(0 <= v <= 1 for row in metrics["gate_targets_by_domain"].values() for v in row.values())
     if path.stem == "01_c2c":  # the cache probe: one accuracy per layer, sender and receiver
         probes = metrics["cache_probe_last_token"]
         assert len(probes) == 2 and all(0 <= a <= 1 for accs in probes.values() for a in accs)
