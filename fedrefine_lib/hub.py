@@ -83,6 +83,11 @@ class FuserJob:
     kind: str = "residual"
     options: dict[str, Any] = field(default_factory=dict, hash=False)
 
+    def __post_init__(self) -> None:
+        if self.kind not in FUSER_CLASSES:
+            raise ValueError(f"FuserJob {self.sender}->{self.receiver}: unknown kind {self.kind!r}; "
+                             f"use one of {sorted(FUSER_CLASSES)}.")
+
     @classmethod
     def main(cls, sender: str, receiver: str, kind: str, **options: Any) -> "FuserJob":
         """The pair's main fuser of a fusion mode (stored under :func:`default_variant`)."""

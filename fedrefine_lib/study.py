@@ -95,17 +95,16 @@ class Study:
     def gate_train_config(self, **overrides: Any):
         """The gate's training settings: the profile's ``train:`` block with its ``gate_train:``
         block on top, then ``overrides`` (None ignored)."""
-        given = {k: v for k, v in overrides.items() if v is not None}
-        return self.train_config(**{**self.settings.get("gate_train", {}), **given})
+        return self.train_config(**{**self.settings.get("gate_train", {}), **_given(overrides)})
 
     def fuser_options(self, **overrides: Any) -> dict[str, Any]:
         """The profile's fuser shape (``fuser:`` in its YAML), with overrides (None ignored)."""
-        return {**self.settings.get("fuser", {}), **{k: v for k, v in overrides.items() if v is not None}}
+        return {**self.settings.get("fuser", {}), **_given(overrides)}
 
     def gate_options(self, **overrides: Any) -> dict[str, Any]:
         """The profile's gate shape (``gate:`` in its YAML, ``gating.GateConfig`` fields such
         as ``hidden``), with overrides (None ignored)."""
-        return {**self.settings.get("gate", {}), **{k: v for k, v in overrides.items() if v is not None}}
+        return {**self.settings.get("gate", {}), **_given(overrides)}
 
     @property
     def fusion(self) -> str:
@@ -184,6 +183,11 @@ class Study:
         path = self.data_dir / self.name / str(self.seed) / Path(*parts)
         path.mkdir(parents=True, exist_ok=True)
         return path
+
+
+def _given(overrides: dict[str, Any]) -> dict[str, Any]:
+    """The overrides actually given (notebook parameters left at None mean "the profile's")."""
+    return {k: v for k, v in overrides.items() if v is not None}
 
 
 def _local_or_hub(source: str, kind: str) -> Path:

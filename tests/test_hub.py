@@ -39,6 +39,8 @@ def test_hub_round_trip_and_reuse(tmp_path, pair):
     trained = hub.train_missing(load, [FuserJob("tiny-llama", "tiny-qwen3", options={"hidden": 8})], RECORDS, train_config=cfg)
     assert trained == ["tiny-llama->tiny-qwen3/default"]
     assert hub.get(sender, receiver).config.hidden == 8
+    with pytest.raises(ValueError, match="unknown kind 'concatenate'"):
+        FuserJob("tiny-llama", "tiny-qwen3", "concat", "concatenate")
 
 
 def test_train_missing_in_worker_processes_matches_one_by_one(tmp_path, pair):
