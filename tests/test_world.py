@@ -207,6 +207,29 @@ def test_pretraining_out_of_patience_keeps_its_best_check(smoke_worlds, tmp_path
     assert sha256_file(tmp_path / "patient" / "model.safetensors") == sha256_file(tmp_path / "ended" / "model.safetensors")
 
 
+def test_pretraining_saves_the_moving_average_of_the_weights(smoke_worlds, tmp_path):
+    """With ``ema_decay`` d the saved weights after two steps are d * w1 + (1 - d) * w2,
+    where w1, w2 are the raw weights after one and two steps (the average starts at w1)."""
+    from safetensors.torch import load_file
+    import torch
+
+    from fedrefine_lib.world.pretrain import pretrain_model
+
+    world, name = smoke_worlds[0], "mini-qwen2.5-0.5b"
+    smoke = WorldConfig.smoke()
+
+    def weights(steps: int, decay: float) -> dict:
+        out = tmp_path / f"{steps}-{decay}"
+        pretrain_model(name, 3, {**smoke.to_dict(), "max_steps": {**smoke.max_steps, name: steps},
+                                 "ema_decay": decay}, str(world.tokenizer_dir("qwen")), str(out), progress=False)
+        return load_file(out / "model.safetensors")
+
+    w1, w2, averaged = weights(1, 0.0), weights(2, 0.0), weights(2, 0.25)
+    assert any(not torch.equal(w1[k], w2[k]) for k in w1)
+    for k in w1:
+        torch.testing.assert_close(averaged[k], 0.25 * w1[k] + 0.75 * w2[k])
+
+
 def test_no_leakage_smoke(smoke_worlds):
     from fedrefine_lib.world.measure import leaked_entities
 

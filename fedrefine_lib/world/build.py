@@ -28,7 +28,7 @@ from .records import chat_records, mcq_items
 from .tokenization import train_tokenizer
 
 #: Bump when the world's generation code changes in a way that changes its files.
-WORLD_VERSION = 6
+WORLD_VERSION = 7
 DATA_FILES = ("facts.jsonl", "chat_train.jsonl", "mcq_val.jsonl", "mcq_test.jsonl")
 
 
@@ -203,10 +203,12 @@ def _model_info(spec, path: Path, log: dict) -> dict:
 
 def _pretrain_all(seed: int, config: WorldConfig, out: Path, progress: bool) -> dict[str, dict]:
     """Pretrain the five models, ``config.workers`` at a time (one thread each),
-    longest jobs first."""
+    longest jobs first: a model with a note target (the receiver, which learns notes
+    last and longest), then by step cap x width x depth x domains known. The order only
+    schedules the work; every model's weights are the same in any order."""
     specs = mini_models(config.model_scale)
-    order = sorted(specs, key=lambda n: -config.max_steps[n] * specs[n].hidden * specs[n].layers
-                   * len(specs[n].domains))
+    order = sorted(specs, key=lambda n: (n not in config.note_accuracy, -config.max_steps[n] * specs[n].hidden
+                                         * specs[n].layers * len(specs[n].domains)))
     jobs = {n: dict(name=n, seed=seed, config=config.to_dict(),
                     tokenizer_dir=str(out / "tokenizers" / specs[n].tokenizer),
                     out_dir=str(out / "models" / n), position=i % max(1, config.workers),

@@ -29,6 +29,15 @@ class WorldConfig:
         batch_size, lr, warmup_steps, weight_decay, beta2: optimiser settings (AdamW);
             ``lr_overrides`` per model (the deeper Qwen2 "1.5b" without q/k-norm stays on
             the memorisation plateau at 3e-3 and, with some tokenizer draws, at 2e-3).
+        phase2_lr_scale: factor on the learning rate once phase 2 begins: the new tasks are
+            learnt as fast at a lower rate, and the facts memorised in phase 1 stay put
+            (at the full rate a model's own-domain accuracy swings by ±10 points between
+            checks and early stopping picks a lucky one).
+        ema_decay: the weights checked, kept and saved are an exponential moving average of
+            the trained ones with this decay per step (0 keeps the raw weights). At a
+            constant learning rate a tiny model's recall swings by up to ±10 points from one
+            check to the next; the average is steadier and better (Llama: held-out
+            geography 0.93-0.97 instead of 0.75-0.97).
         tie_embeddings: tie input and output embeddings (the paper's models do; untied
             memorises facts markedly sooner at these sizes).
         phase1_accuracy: own-domain validation accuracy (lowest known domain) that ends the knowledge-only
@@ -53,13 +62,16 @@ class WorldConfig:
     eval_every: int = 100
     patience: int = 6
     stop_accuracy: float = 0.95
-    note_accuracy: dict[str, float] = field(default_factory=lambda: {"mini-qwen3-0.6b": 0.92})
+    note_accuracy: dict[str, float] = field(default_factory=lambda: {"mini-qwen3-0.6b": 0.95})
     batch_size: int = 32
     lr: float = 3e-3
-    lr_overrides: dict[str, float] = field(default_factory=lambda: {"mini-qwen2.5-1.5b": 1e-3})
+    lr_overrides: dict[str, float] = field(default_factory=lambda: {"mini-qwen2.5-1.5b": 1e-3,
+                                                                       "mini-llama3.2-1b": 2e-3})
     warmup_steps: int = 100
     weight_decay: float = 0.01
     beta2: float = 0.98
+    phase2_lr_scale: float = 0.3
+    ema_decay: float = 0.99
     tie_embeddings: bool = False
     phase1_accuracy: float = 0.9
     statement_passes: int = 2
@@ -78,7 +90,7 @@ class WorldConfig:
                  "mini-qwen2.5-1.5b", "mini-llama3.2-1b")
         return cls(entities={"train": 3, "val": 2, "eval": 3, "pool": 2}, qwen_vocab=600,
                    llama_vocab=450, model_scale="smoke", max_steps={n: 12 for n in names},
-                   min_steps=12, eval_every=6, batch_size=16, warmup_steps=4, phase1_accuracy=0.0,
+                   min_steps=12, eval_every=6, batch_size=16, warmup_steps=4, phase1_accuracy=0.0, ema_decay=0.5,
                    note_examples=20, rephrase_examples=10, filler_examples=5, copy_examples=10,
                    chat_variants=1, filler_records=5)
 

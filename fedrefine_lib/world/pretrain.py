@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from transformers import AutoTokenizer
 
 from ..data import context_note
@@ -92,7 +93,15 @@ def pretrain_model(name: str, seed: int, config: dict, tokenizer_dir: str, out_d
     tok = _as_loaded_from(out_dir, model, family_tok)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr_overrides.get(name, cfg.lr), betas=(0.9, cfg.beta2),
                             weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg.warmup_steps))
+    phase2_step: int | None = None
+
+    def lr_factor(s: int) -> float:  # linear warm-up, then phase 2 at phase2_lr_scale
+        return min(1.0, (s + 1) / cfg.warmup_steps) * (1.0 if phase2_step is None else cfg.phase2_lr_scale)
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
+    averaged = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
+                if cfg.ema_decay else None)
+    scored = model if averaged is None else averaged.module  # the weights checked and saved
     val_facts = knowledge.select(splits=("val",))
     val_items = mcq_items(val_facts, seed, "val")
     own = [it for it in val_items if it["domain"] in spec.domains]
@@ -107,7 +116,7 @@ def pretrain_model(name: str, seed: int, config: dict, tokenizer_dir: str, out_d
     start, step, epoch, losses = time.time(), 0, 0, []
     bar = tqdm(total=max_steps, desc=name, position=position, leave=True, disable=not progress,
                dynamic_ncols=True)
-    stopped, impatient, phase, phase2_step = False, False, 1, None
+    stopped, impatient, phase = False, False, 1
     best: tuple | None = None  # (note target met, own + note accuracy, step, weights): best phase-2 check
     while step < max_steps and not (stopped or impatient):
         examples = pretraining_examples(knowledge, list(spec.domains), rephrase=spec.rephrase,
@@ -121,20 +130,22 @@ def pretrain_model(name: str, seed: int, config: dict, tokenizer_dir: str, out_d
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             sched.step()
+            if averaged is not None:
+                averaged.update_parameters(model)
             opt.zero_grad(set_to_none=True)
             losses.append(loss.item())
             step += 1
             bar.update(1)
             if step % cfg.eval_every == 0 or step == max_steps:
-                by_domain = {d: option_loglik_accuracy(model, tok, [it for it in own_every_template
+                by_domain = {d: option_loglik_accuracy(scored, tok, [it for it in own_every_template
                                                                     if it["domain"] == d])
                              for d in spec.domains}
                 acc = min(by_domain.values())  # every known domain must be learnt
-                note_acc = option_loglik_accuracy(model, tok, val_items, notes) if note_target else None
+                note_acc = option_loglik_accuracy(scored, tok, val_items, notes) if note_target else None
                 history.append(dict(step=step, epoch=epoch, phase=phase, loss=sum(losses) / len(losses),
                                     val_accuracy=acc, val_by_domain=by_domain, val_note_accuracy=note_acc,
-                                    val_cloze=cloze_accuracy(model, tok, spec.tokenizer, own),
-                                    train_accuracy=option_loglik_accuracy(model, tok, train_items),
+                                    val_cloze=cloze_accuracy(scored, tok, spec.tokenizer, own),
+                                    train_accuracy=option_loglik_accuracy(scored, tok, train_items),
                                     seconds=round(time.time() - start, 1)))
                 losses = []
                 bar.set_postfix(loss=f"{history[-1]['loss']:.3f}", val=f"{acc:.2f}",
@@ -142,11 +153,13 @@ def pretrain_model(name: str, seed: int, config: dict, tokenizer_dir: str, out_d
                                 cloze=f"{history[-1]['val_cloze']:.2f}", tr=f"{history[-1]['train_accuracy']:.2f}")
                 if phase == 1 and acc >= cfg.phase1_accuracy:
                     phase, phase2_step = 2, step
+                    for group, base in zip(opt.param_groups, sched.base_lrs):  # from the next step on
+                        group["lr"] = base * lr_factor(step)
                     break  # regenerate the epoch with every task
                 note_ok = note_target is None or note_acc >= note_target
                 if phase == 2 and (best is None or (note_ok, acc + (note_acc or 0.0)) > best[:2]):
                     best = (note_ok, acc + (note_acc or 0.0), step,
-                            {k: v.detach().clone() for k, v in model.state_dict().items()})
+                            {k: v.detach().clone() for k, v in scored.state_dict().items()})
                 stopped = phase == 2 and step >= cfg.min_steps and acc >= cfg.stop_accuracy and note_ok
                 impatient = phase == 2 and step - best[2] >= cfg.patience * cfg.eval_every
             if stopped or impatient or step >= max_steps:
@@ -155,19 +168,19 @@ def pretrain_model(name: str, seed: int, config: dict, tokenizer_dir: str, out_d
     bar.close()
     restored_step = None
     if not stopped and best is not None and best[2] != step:  # out of steps or patience: keep the best check
-        model.load_state_dict(best[3])
+        scored.load_state_dict(best[3])
         restored_step = best[2]
     seconds = time.time() - start
     out = Path(out_dir)
-    model.eval()
-    model.generation_config.eos_token_id = tok.convert_tokens_to_ids(fam.end_of_turn)
-    model.generation_config.pad_token_id = tok.pad_token_id
-    model.save_pretrained(out)
+    scored.eval()
+    scored.generation_config.eos_token_id = tok.convert_tokens_to_ids(fam.end_of_turn)
+    scored.generation_config.pad_token_id = tok.pad_token_id
+    scored.save_pretrained(out)
     tok.save_pretrained(out)
     log = dict(model=name, steps=step, epochs=epoch, early_stopped=stopped, phase2_step=phase2_step,
                restored_step=restored_step, seconds=round(seconds, 1),
                final=next((h for h in history if h["step"] == restored_step), history[-1] if history else {}),
                history=history,
-               parameters=sum(p.numel() for p in model.parameters()))
+               parameters=sum(p.numel() for p in scored.parameters()))
     (out / "pretrain_log.json").write_text(json.dumps(log, indent=1))
     return log
