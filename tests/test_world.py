@@ -230,6 +230,35 @@ def test_pretraining_saves_the_moving_average_of_the_weights(smoke_worlds, tmp_p
         torch.testing.assert_close(averaged[k], 0.25 * w1[k] + 0.75 * w2[k])
 
 
+def test_phase2_learning_rate_scale_applies_from_the_next_step(smoke_worlds, tmp_path):
+    """With ``phase2_lr_scale=0`` nothing moves once phase 2 begins (here at the first check,
+    step 6): a 12-step run saves exactly the weights of a run that ends at step 6; at the
+    default scale the weights keep moving."""
+    from fedrefine_lib.world.build import sha256_file
+    from fedrefine_lib.world.pretrain import pretrain_model
+
+    world, name = smoke_worlds[0], "mini-qwen2.5-0.5b"
+    smoke = WorldConfig.smoke()
+
+    def digest(steps: int, scale: float) -> str:
+        out = tmp_path / f"{steps}-{scale}"
+        log = pretrain_model(name, 3, {**smoke.to_dict(), "max_steps": {**smoke.max_steps, name: steps},
+                                       "ema_decay": 0.0, "phase2_lr_scale": scale},
+                             str(world.tokenizer_dir("qwen")), str(out), progress=False)
+        assert log["phase2_step"] == 6
+        return sha256_file(out / "model.safetensors")
+
+    assert digest(12, 0.0) == digest(6, 0.0)
+    assert digest(12, 0.3) != digest(6, 0.3)
+
+
+def test_world_config_rejects_bad_training_settings():
+    with pytest.raises(ValueError, match="ema_decay=1.0"):
+        WorldConfig(ema_decay=1.0)
+    with pytest.raises(ValueError, match="phase2_lr_scale=-0.5"):
+        WorldConfig(phase2_lr_scale=-0.5)
+
+
 def test_no_leakage_smoke(smoke_worlds):
     from fedrefine_lib.world.measure import leaked_entities
 

@@ -71,9 +71,11 @@ def pretrain_model(name: str, seed: int, config: dict, tokenizer_dir: str, out_d
                    position: int = 0, progress: bool = True, threads: int = 1) -> dict:
     """Pretrain model ``name`` and save it (safetensors) with its tokenizer to ``out_dir``.
 
-    Training ends early once the stop criteria hold; a model that runs out of steps, or
-    of patience (``config.patience`` checks without a better one), instead keeps the
-    weights of its best phase-2 check (``restored_step``).
+    The weights checked and saved are the moving average of the trained ones
+    (``config.ema_decay``); the learning rate is scaled by ``config.phase2_lr_scale`` from
+    the step phase 2 begins. Training ends early once the stop criteria hold; a model
+    that runs out of steps, or of patience (``config.patience`` checks without a better
+    one), instead keeps the weights of its best phase-2 check (``restored_step``).
 
     Returns:
         a log dict: steps, wall seconds, early-stop accuracies, history.
