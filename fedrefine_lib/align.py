@@ -32,7 +32,7 @@ from fedrefine_lib.kv import KVCache
 Messages = list[dict[str, str]]
 """One chat: ``[{"role": ..., "content": ...}, ...]``."""
 
-LAYER_MAPS = ("bottom_up", "top_down", "depth")
+LAYER_MAPS = ("bottom_up", "top_down", "depth", "top")
 
 
 # --------------------------------------------------------------------------- layers
@@ -46,7 +46,9 @@ def layer_map(receiver_layers: int, sender_layers: int, kind: str = "top_down") 
         sender_layers: ``S``, the sender's number of layers.
         kind: ``"bottom_up"`` (t -> min(t, S-1), the FedRefine paper's layer-by-layer from
             the bottom), ``"top_down"`` (C2C's last-aligned: t -> clamp(t + S - T, 0, S-1)),
-            or ``"depth"`` (uniform relative depth: t -> floor(t (S-1) / (T-1) + 1/2)).
+            ``"depth"`` (uniform relative depth: t -> floor(t (S-1) / (T-1) + 1/2)), or
+            ``"top"`` (every receiver layer reads the sender's last layer, t -> S-1: the
+            layer whose keys and values carry most of what the sender concluded).
     Returns:
         ``T`` sender layer indices.
     """
@@ -57,6 +59,8 @@ def layer_map(receiver_layers: int, sender_layers: int, kind: str = "top_down") 
         return [min(t, S - 1) for t in range(T)]
     if kind == "top_down":
         return [min(max(t + S - T, 0), S - 1) for t in range(T)]
+    if kind == "top":
+        return [S - 1] * T
     if kind == "depth":
         if T == 1:
             return [S - 1]

@@ -17,6 +17,7 @@ def test_layer_maps():
     assert align.layer_map(3, 5, "depth") == [0, 2, 4]
     assert align.layer_map(5, 3, "depth") == [0, 1, 1, 2, 2]  # halves round up
     assert align.layer_map(1, 4, "depth") == [3]
+    assert align.layer_map(3, 5, "top") == [4, 4, 4]
     with pytest.raises(ValueError, match="Unknown layer map"):
         align.layer_map(2, 2, "sideways")
 

@@ -31,6 +31,15 @@ def test_pooled_features_ignore_padding(loaded_models):
         torch.testing.assert_close(batch[b : b + 1], gating.pooled_features(one.receiver_cache, one.mask), atol=1e-5, rtol=1e-4)
 
 
+def test_pooled_features_are_the_maximum_over_real_tokens():
+    from fedrefine_lib.kv import KVCache
+
+    values = torch.tensor([[1.0, 9.0, -2.0], [5.0, -1.0, 0.5]]).reshape(2, 1, 3, 1)  # [B=2, H=1, N=3, D=1]
+    cache = KVCache([torch.zeros_like(values)], [values], 3)
+    mask = torch.tensor([[1, 0, 1], [1, 1, 1]])  # 9.0 sits on a padding position
+    assert gating.pooled_features(cache, mask).tolist() == [[1.0], [5.0]]
+
+
 def test_gate_maps_engine_senders_to_its_columns(loaded_models):
     gate = gating.Gate(gating.GateConfig.for_receiver(loaded_models["qwen3"], ["qwen2", "llama", "gemma3"]))
     with torch.no_grad():
@@ -151,7 +160,24 @@ def test_selection_targets_name_the_best_source():
         gating.selection_targets(results, items[::-1], ["x", "y"])
 
 
-def test_router_gate_learns_who_serves_where(loaded_models, tmp_path):
+def test_source_success_per_question_and_per_domain():
+    items = [{"id": i, "domain": d} for i, d in (("a", "bio"), ("b", "bio"), ("c", "geo"))]
+    results = {(): result("abc", ["bio", "bio", "geo"], [False, False, True]),
+               ("x",): result("abc", ["bio", "bio", "geo"], [True, False, False]),
+               ("y",): result("abc", ["bio", "bio", "geo"], [True, True, True])}
+    assert gating.source_success(results, items, ["x", "y"], by=None).tolist() == [[0, 1, 1], [0, 0, 1], [1, 0, 1]]
+    assert gating.source_success(results, items, ["x", "y"]).tolist() == [[0, 0.5, 1], [0, 0.5, 1], [1, 0, 1]]
+    assert gating.source_success(results, items, ["y"]).tolist() == [[0, 1], [0, 1], [1, 1]]
+    with pytest.raises(KeyError, match="single sender"):
+        gating.source_success({(): results[()]}, items, ["x"])
+    with pytest.raises(ValueError, match="exactly these items"):
+        gating.source_success(results, items[::-1], ["x"])
+    with pytest.raises(ValueError, match="by="):
+        gating.source_success(results, items, ["x"], by="relation")
+
+
+@pytest.mark.parametrize("objective", ["success", "best_source"])
+def test_router_gate_learns_who_serves_where(loaded_models, tmp_path, objective):
     from fedrefine_lib.data import mcq_messages
 
     eng = engine(loaded_models, ["qwen2", "llama"], "concat")
@@ -159,7 +185,9 @@ def test_router_gate_learns_who_serves_where(loaded_models, tmp_path):
              "colours": "What colour is the zorblat {}?"}
     items = [{"id": f"{k}{i}", "question_stem": q.format(i), "choices": {"label": ["A", "B"], "text": ["x", "y"]},
               "answerKey": "A"} for k, q in kinds.items() for i in range(6)]
-    targets = torch.tensor([1] * 6 + [2] * 6 + [0] * 6)  # qwen2 serves animals, llama rivers, nobody colours
+    best = torch.tensor([1] * 6 + [2] * 6 + [0] * 6)  # qwen2 serves animals, llama rivers, nobody colours
+    # Per-source success: the best source right 80 % of the time, the others 30 %.
+    targets = best if objective == "best_source" else 0.3 + 0.5 * torch.nn.functional.one_hot(best, 3).float()
     gate = gating.Gate(gating.GateConfig.for_receiver(loaded_models["qwen3"], ["qwen2", "llama"], mode="concat",
                                                       hidden=8, output="route"))
     res = gating.train_gate_selection(eng, gate, items, targets, TrainConfig(lr=5e-2, batch_size=6, epochs=30,
@@ -177,5 +205,9 @@ def test_router_gate_learns_who_serves_where(loaded_models, tmp_path):
     with pytest.raises(ValueError, match="router"):
         gating.train_gate_selection(eng, gating.Gate(gating.GateConfig.for_receiver(loaded_models["qwen3"], ["qwen2", "llama"])),
                                     items, targets)
+    for bad, cause in ((targets[:5], "must be"), (best.float()[:, None].expand(18, 3) * 2, "probabilities"),
+                       (best + 3, "indices")):
+        with pytest.raises(ValueError, match=cause):
+            gating.train_gate_selection(eng, gate, items, bad)
     with pytest.raises(ValueError, match="not differentiable"):
         gating.train_gate(eng, gate, [[{"role": "user", "content": "Fox?"}, {"role": "assistant", "content": "blue"}]])
