@@ -567,7 +567,11 @@ def source_success(results: Mapping[Sequence[str], Any], items: Sequence[dict], 
         return correct
     if by != "domain":
         raise ValueError(f"source_success(by={by!r}): use 'domain' or None.")
-    groups = [str(it.get("domain")) for it in items]
+    unlabelled = [str(it.get("id")) for it in items if "domain" not in it]
+    if unlabelled:
+        raise ValueError(f"source_success(by='domain') needs each item's 'domain'; items {unlabelled[:5]} have none. "
+                         "Pass by=None for per-question targets.")
+    groups = [str(it["domain"]) for it in items]
     means = {g: correct[[i for i, x in enumerate(groups) if x == g]].mean(0) for g in set(groups)}
     return torch.stack([means[g] for g in groups])
 

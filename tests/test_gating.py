@@ -174,6 +174,8 @@ def test_source_success_per_question_and_per_domain():
         gating.source_success(results, items[::-1], ["x"])
     with pytest.raises(ValueError, match="by="):
         gating.source_success(results, items, ["x"], by="relation")
+    with pytest.raises(ValueError, match="have none"):
+        gating.source_success(results, [{"id": i} for i in "abc"], ["x"])
 
 
 @pytest.mark.parametrize("objective", ["success", "best_source"])
