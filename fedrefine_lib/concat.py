@@ -17,6 +17,11 @@ attention mass, so the engine removes a *source* by masking its block, never by 
 A :class:`ConcatFuser` is a ``C2CFuser`` with other projectors: same config, gates, pair
 check, strict save/load (plus ``"kind": "concat"`` in its JSON, checked on load).
 Training: ``train.train_fuser`` with the engine from :meth:`ConcatFuser.make_engine`.
+
+A :class:`PrefixFuser` is the same projector trained and run in ``prefix`` fusion: the
+receiver prefills its own prompt *on top of* the projected block, so every prompt token
+may read it, not only the last one (``federation.FedRefine``). It is stored as
+``"kind": "prefix"``: a projector learns to be read in one way, so the two never mix.
 """
 
 from __future__ import annotations
@@ -96,36 +101,51 @@ class ConcatFuser(C2CFuser):
 
     def make_engine(self, receiver, sender, fuser: nn.Module | None = None, aligner=None):
         """The single-sender engine that trains and runs this fuser (``train.train_fuser``
-        hook): a ``federation.FedRefine`` in ``concat`` mode. ``fuser``: this fuser or
-        its Accelerate/DDP wrapper; ``aligner`` is ignored (no token alignment)."""
+        hook): a ``federation.FedRefine`` in this fuser's mode (:attr:`kind`). ``fuser``:
+        this fuser or its Accelerate/DDP wrapper; ``aligner`` is ignored (no token alignment)."""
         from fedrefine_lib.federation import FedRefine
 
-        return FedRefine(receiver, [sender], {sender.name: fuser if fuser is not None else self}, mode=KIND)
+        return FedRefine(receiver, [sender], {sender.name: fuser if fuser is not None else self}, mode=self.kind)
 
     def save_pretrained(self, directory: str | Path) -> Path:
         directory = super().save_pretrained(directory)
         meta = json.loads((directory / CONFIG_FILE).read_text())
-        meta["kind"] = KIND
+        meta["kind"] = self.kind
         (directory / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
         return directory
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, receiver=None, sender=None) -> "ConcatFuser":
-        """Strict load (see ``C2CFuser.from_pretrained``); refuses a residual C2C fuser."""
+        """Strict load (see ``C2CFuser.from_pretrained``); refuses a fuser of another kind."""
         path = Path(directory) / CONFIG_FILE
         if path.is_file():
             try:
                 kind = json.loads(path.read_text()).get("kind", "residual")
             except json.JSONDecodeError as e:
                 raise FuserLoadError(f"Corrupt {path}: {e}. Re-save or retrain the fuser.") from e
-            if kind != KIND:
+            if kind != cls.kind:
+                loader = next((c.__name__ for c in (C2CFuser, ConcatFuser, PrefixFuser) if c.kind == kind), "FuserHub.get")
                 raise FuserLoadError(
-                    f"{directory} holds a {kind!r} fuser, not a concat fuser: load it with C2CFuser.from_pretrained "
-                    "(residual fusion), or train a ConcatFuser for concat fusion."
+                    f"{directory} holds a {kind!r} fuser, not a {cls.kind!r} one: load it with {loader}.from_pretrained "
+                    f"({kind} fusion), or train a {cls.__name__} for {cls.kind} fusion."
                 )
         return super().from_pretrained(directory, receiver, sender)
 
 
+class PrefixFuser(ConcatFuser):
+    """A :class:`ConcatFuser` trained and run in ``prefix`` fusion (the receiver prefills its
+    prompt reading the projected block)."""
+
+    kind = "prefix"
+
+
 def is_concat(fuser: nn.Module) -> bool:
-    """Whether ``fuser`` (possibly wrapped by Accelerate/DDP) is a :class:`ConcatFuser`."""
+    """Whether ``fuser`` (possibly wrapped by Accelerate/DDP) projects a sender's cache alone
+    into a block (:class:`ConcatFuser`, :class:`PrefixFuser`)."""
     return isinstance(getattr(fuser, "module", fuser), ConcatFuser)
+
+
+def fusion_kind(fuser: nn.Module) -> str:
+    """The fusion mode ``fuser`` (possibly wrapped) is trained for: ``residual``, ``concat``
+    or ``prefix``."""
+    return getattr(fuser, "module", fuser).kind

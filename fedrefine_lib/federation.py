@@ -7,8 +7,8 @@ feeding the last prompt token with the receiver's own weights, so the last promp
 and every generated token use the receiver's own KV, and senders do no decoding work.
 
 Engines here: :class:`Standalone` (receiver alone), :class:`C2C` (one sender, one fuser,
-fusion at prefill only) and :class:`FedRefine` (several senders, ``residual`` or ``concat``
-fusion, a selection policy or learned gate from ``fedrefine_lib.gating``). The T2T
+fusion at prefill only) and :class:`FedRefine` (several senders, ``residual``, ``concat`` or
+``prefix`` fusion, a selection policy or learned gate from ``fedrefine_lib.gating``). The T2T
 baseline's sender side is :func:`t2t_notes`.
 """
 
@@ -314,9 +314,9 @@ class C2C:
 
 # ---------------------------------------------------------------- multi-sender
 
-MODES = ("residual", "concat")
+MODES = ("residual", "concat", "prefix")
 MIN_WEIGHT = 1e-6
-"""``concat``: weights below this count as this in ``log w`` (a weight of 0 masks its block)."""
+"""``concat``/``prefix``: weights below this count as this in ``log w`` (0 masks a block)."""
 
 
 @dataclass
@@ -361,7 +361,15 @@ class FedRefine:
             1 is plain concatenation, 0 masks a sender block (the own cache is never
             masked, only down-weighted to :data:`MIN_WEIGHT`); ``P_j`` is a
             ``concat.ConcatFuser`` reading sender ``j``'s cache alone, so senders may read
-            different texts (``sender_views``), with no token alignment.
+            different texts (``sender_views``), with no token alignment. The receiver's own
+            prompt cache is its plain prefill: only its last prompt token and the answer
+            tokens read the blocks.
+        ``prefix``: as ``concat``, but the receiver prefills its prompt (all tokens but the
+            last) *on top of* the blocks, so every prompt token may read them, with the same
+            ``log w_j`` on their columns: ``C = [P_1(C_1) ; ... ; C_r | P_1(C_1) ...]``. The
+            receiver's prefill waits for the senders' caches instead of running beside them;
+            no sender decodes. ``P_j`` is a ``concat.PrefixFuser`` (the projector of
+            ``concat``, trained to be read this way).
 
     A weight of exactly 0 closes a source (no effect); a sender closed for every query of
     a batch is not run and sends nothing.
@@ -382,25 +390,29 @@ class FedRefine:
     def __init__(self, receiver, senders: Sequence, fusers, *, mode: str = "residual", policy=None,
                  variant: str | None = None, sender_views: SenderView | dict[str, SenderView] | None = None,
                  aligners: str | Aligner | dict[str, str | Aligner] | None = None, wire_dtype: str = "bfloat16"):
-        from fedrefine_lib.concat import is_concat
+        from fedrefine_lib.concat import fusion_kind
 
         if mode not in MODES:
             raise ValueError(f"Unknown fusion mode {mode!r}; use one of {MODES}.")
         names = [s.name for s in senders]
         if len(set(names)) != len(names) or receiver.name in names:
             raise ValueError(f"Senders must be distinct models other than the receiver; got {names} for {receiver.name!r}.")
+        if mode == "prefix" and any(kvlib.sliding_windows(receiver.model.config)):
+            raise ValueError(f"prefix fusion prefills the receiver's prompt after the sender blocks, but {receiver.name!r} has "
+                             "sliding-window layers, whose windows would count the blocks and the padding of a batch; use "
+                             "concat fusion for this receiver.")
         self.receiver, self.senders, self.mode, self.policy = receiver, list(senders), mode, policy
         self.sender_names = names
         self.wire_dtype = wire_dtype
         self.fusers = [self._fuser(fusers, s, variant) for s in self.senders]
         for s, f in zip(self.senders, self.fusers):
-            if is_concat(f) != (mode == "concat"):
-                kind = "a concat" if is_concat(f) else "a residual (C2C)"
-                raise ValueError(f"The fuser {s.name}->{receiver.name} is {kind} fuser but the engine runs {mode!r} "
-                                 "fusion; use concat.ConcatFuser for 'concat' and fuser.C2CFuser for 'residual'.")
+            if fusion_kind(f) != mode:
+                raise ValueError(f"The fuser {s.name}->{receiver.name} is a {fusion_kind(f)} fuser but the engine runs {mode!r} "
+                                 "fusion; use fuser.C2CFuser for 'residual', concat.ConcatFuser for 'concat' and "
+                                 "concat.PrefixFuser for 'prefix' (hub.FuserJob(kind=...) trains each).")
             getattr(f, "module", f).check_pair(receiver, s)
         self.views = [self._per_sender(sender_views, s.name, "sender_views") for s in self.senders]
-        self.aligners = [None if mode == "concat" else get_aligner(
+        self.aligners = [None if mode != "residual" else get_aligner(
             self._per_sender(aligners, s.name, "aligners") or getattr(f, "module", f).config.aligner,
             receiver.tokenizer, s.tokenizer) for s, f in zip(self.senders, self.fusers)]
 
@@ -412,14 +424,7 @@ class FedRefine:
             return fusers[sender.name]
         from fedrefine_lib.hub import default_variant
 
-        variant = variant or default_variant(self.mode)
-        if not fusers.has(sender.name, self.receiver.name, variant):
-            fusers.get(sender, self.receiver, variant)  # raises MissingFuserError naming the pair
-        if self.mode == "concat":
-            from fedrefine_lib.concat import ConcatFuser
-
-            return ConcatFuser.from_pretrained(fusers.pair_dir(sender.name, self.receiver.name, variant), self.receiver, sender)
-        return fusers.get(sender, self.receiver, variant)
+        return fusers.get(sender, self.receiver, variant or default_variant(self.mode))  # names a missing pair
 
     @staticmethod
     def _per_sender(value, name: str, what: str):
@@ -453,7 +458,7 @@ class FedRefine:
                 continue
             sender_batch = view(list(messages_batch)) if view is not None else None
             with trace.time("alignment"):
-                if aligner is None:  # concat: the sender's own tokens, nothing to align
+                if aligner is None:  # concat, prefix: the sender's own tokens, nothing to align
                     s_ids, s_mask = encode_prompts(sender.tokenizer, sender_batch or messages_batch, assistant_prefix)
                     a = Alignment(ids, mask, s_ids, s_mask, torch.full_like(ids, -1))
                 else:
@@ -516,7 +521,7 @@ class FedRefine:
     def project(self, caches: MultiCaches, trace: Trace | None = None) -> list:
         """Each run sender's projection (differentiable in the fusers when grad is on):
         ``residual``: ``(key_residuals, value_residuals)`` per receiver layer
-        ``[B, Hr, T-1, Dr]``; ``concat``: a block ``KVCache`` ``[B, Hr, S_j, Dr]``; None for
+        ``[B, Hr, T-1, Dr]``; ``concat``, ``prefix``: a block ``KVCache`` ``[B, Hr, S_j, Dr]``; None for
         senders not run. Time goes to ``trace`` (``caches.trace`` is never changed)."""
         out = []
         with (trace if trace is not None else Trace()).time("projection"):
@@ -556,7 +561,7 @@ class FedRefine:
                     values = [v + scale * d for v, d in zip(values, p[1])]
                 cache = KVCache(keys, values, own.seq_len, list(own.sliding))
                 return Prefill(caches.receiver_ids, caches.receiver_mask, cache, trace)
-            # concat: a source's weight multiplies the attention mass it gets (log w on its columns).
+            # concat, prefix: a source's weight multiplies the attention mass it gets (log w on its columns).
             log_w = torch.log(w.float().clamp_min(MIN_WEIGHT))
             blocks, masks, biases = [], [], []
             for j, (p, a) in enumerate(zip(projections, caches.alignments)):
@@ -565,14 +570,32 @@ class FedRefine:
                 blocks.append(p)
                 masks.append(a.sender_mask.to(dev) * (w[:, 1 + j] > 0).to(a.sender_mask.dtype)[:, None])
                 biases.append(log_w[:, 1 + j, None].expand(-1, p.seq_len))
+            prefix = torch.cat(masks, dim=1) if masks else caches.receiver_mask[:, :0]
+            if self.mode == "prefix" and blocks:
+                own = self._prefill_on(caches, _stack(blocks, dtype), prefix, torch.cat(biases, dim=1), trace)
             blocks.append(own)
             biases.append(log_w[:, 0, None].expand(-1, own.seq_len))
-            layers = range(own.num_layers)
-            keys = [torch.cat([b.keys[t].to(dtype) for b in blocks], dim=2) for t in layers]
-            values = [torch.cat([b.values[t].to(dtype) for b in blocks], dim=2) for t in layers]
-            prefix = torch.cat(masks, dim=1) if masks else caches.receiver_mask[:, :0]
-            cache = KVCache(keys, values, keys[0].shape[2], list(own.sliding))
+            cache = _stack(blocks, dtype)
+            cache.sliding = list(own.sliding)
             return Prefill(caches.receiver_ids, caches.receiver_mask, cache, trace, prefix, torch.cat(biases, dim=1))
+
+    def _prefill_on(self, caches: MultiCaches, senders: KVCache, prefix_mask: torch.Tensor, bias: torch.Tensor,
+                    trace: Trace) -> KVCache:
+        """``prefix``: the receiver's prompt (all tokens but the last) prefilled on top of the
+        sender blocks ``senders`` (per layer ``[B, Hr, P, Dr]``, ``prefix_mask`` ``[B, P]``,
+        ``bias`` ``[B, P]`` the ``log w`` of their columns); differentiable in the blocks.
+
+        Returns:
+            the receiver's prompt KV, per layer ``[B, Hr, T-1, Dr]`` (the blocks not included).
+        """
+        model, own = self.receiver.model, caches.receiver_cache
+        ids, mask = caches.receiver_ids, caches.receiver_mask
+        P = senders.seq_len
+        with trace.time("receiver_prefill_on_senders"):
+            _, cache = forward(model, ids[:, :-1], torch.cat([prefix_mask.to(mask), mask[:, :-1]], dim=1),
+                               senders.to_cache(), prefix_mask, bias)  # plain layers: every position kept
+        out = KVCache.from_cache(cache)
+        return KVCache([k[:, :, P:] for k in out.keys], [v[:, :, P:] for v in out.values], own.seq_len, list(own.sliding))
 
     def fuse(self, caches: MultiCaches, weights: torch.Tensor | None = None) -> Prefill:
         """Project and combine (``train.train_fuser`` calls this with the single sender's
@@ -592,18 +615,27 @@ class FedRefine:
         return self.combine(caches, self.project(caches, trace), w, trace)
 
 
+def _stack(blocks: Sequence[KVCache], dtype: torch.dtype) -> KVCache:
+    """Caches placed one after another along the sequence, per layer ``[B, H, sum S_i, D]``."""
+    layers = range(blocks[0].num_layers)
+    keys = [torch.cat([b.keys[t].to(dtype) for b in blocks], dim=2) for t in layers]
+    values = [torch.cat([b.values[t].to(dtype) for b in blocks], dim=2) for t in layers]
+    return KVCache(keys, values, keys[0].shape[2])
+
+
 def pair_engine(receiver, sender, fuser: torch.nn.Module, sender_view: SenderView | None = None):
     """The one-sender engine for ``fuser``, whatever its kind: :class:`C2C` for a residual
-    ``fuser.C2CFuser``, :class:`FedRefine` in ``concat`` mode for a ``concat.ConcatFuser``.
+    ``fuser.C2CFuser``, :class:`FedRefine` in the fuser's mode for a ``concat.ConcatFuser``
+    (``concat``) or ``concat.PrefixFuser`` (``prefix``).
 
     Args:
         sender_view: what the sender reads instead of the receiver's chats (e.g. the
             :func:`rotate` wrong-cache control); None: the same chats.
     """
-    from fedrefine_lib.concat import is_concat
+    from fedrefine_lib.concat import fusion_kind, is_concat
 
     if is_concat(fuser):
-        return FedRefine(receiver, [sender], {sender.name: fuser}, mode="concat", sender_views=sender_view)
+        return FedRefine(receiver, [sender], {sender.name: fuser}, mode=fusion_kind(fuser), sender_views=sender_view)
     return C2C(receiver, sender, fuser, sender_view=sender_view)
 
 

@@ -199,6 +199,9 @@ class C2CFuser(nn.Module):
         gate_threshold: inference gate is open where ``gate_logits > gate_threshold``.
     """
 
+    kind = "residual"
+    """The fusion mode this fuser is trained and run in (``federation.FedRefine`` modes)."""
+
     def __init__(self, config: FuserConfig):
         super().__init__()
         self.config = config

@@ -228,6 +228,12 @@ class GateConfig:
             source it scores highest (trained by :func:`train_gate_selection`): weight 1
             for the own cache and for that source if it is a sender, 0 (closed) for the
             other senders.
+        open_margin: router only: the best sender is opened only when its predicted chance
+            of a right answer (``sigmoid`` of its score) beats the receiver alone's by more
+            than this; otherwise the receiver answers alone and nothing is sent. 0 opens
+            any sender scored above the own cache. A margin is the price of a link: where
+            the receiver already knows a domain, every source is predicted within a few
+            points of it and opening a sender would spend bytes on noise.
         seed: seeds the initial weights (independent of the global RNG state, so a gate
             built after other work in the same session starts the same).
     """
@@ -241,11 +247,15 @@ class GateConfig:
     hidden: int = 64
     max_weight: float = 2.0
     output: str = "weights"
+    open_margin: float = 0.0
     seed: int = 0
 
     def __post_init__(self) -> None:
         if self.output not in ("weights", "route"):
             raise ValueError(f"GateConfig.output={self.output!r}: use 'weights' or 'route'.")
+        if not 0.0 <= self.open_margin < 1.0:
+            raise ValueError(f"GateConfig.open_margin={self.open_margin}: use a chance difference in [0, 1) "
+                             "(0 opens any sender the router scores above the receiver alone).")
 
     @property
     def features(self) -> int:
@@ -271,7 +281,8 @@ class Gate(nn.Module):
         x = (features - feature_mean) / feature_scale
         s = Linear(GELU(Linear(RMSNorm(x))))        # [B, 1 + S] scores
         w = max_weight * sigmoid(s)                 # output="weights"
-        w = [1, onehot(argmax s)[1:]]               # output="route"
+        w = [1, onehot(j*)]  if σ(s_j*) > σ(s_0) + open_margin, else [1, 0...]
+                                                    # output="route", j* = argmax_j>0 s_j
 
     Independent sigmoids (not a softmax), so it can open one, several or no senders; the
     output layer starts at zero, so a fresh gate equals :class:`EqualWeights`. The
@@ -320,8 +331,15 @@ class Gate(nn.Module):
     def _output(self, scores: torch.Tensor) -> torch.Tensor:
         if self.config.output == "weights":
             return self.config.max_weight * torch.sigmoid(scores)
-        routed = nn.functional.one_hot(scores.argmax(-1), scores.shape[-1]).to(scores.dtype)
+        routed = torch.zeros_like(scores)
         routed[:, 0] = 1.0  # the own cache is always read
+        if scores.shape[-1] == 1:
+            return routed
+        best = scores[:, 1:].argmax(-1, keepdim=True)  # [B, 1]: the best sender (first on ties)
+        best_score, own = scores[:, 1:].gather(1, best)[:, 0], scores[:, 0]
+        margin = self.config.open_margin
+        opened = (torch.sigmoid(best_score) - torch.sigmoid(own) > margin) if margin > 0 else best_score > own
+        routed[opened.nonzero()[:, 0], 1 + best[opened, 0]] = 1.0
         return routed
 
     def weights(self, query: GateQuery) -> torch.Tensor:

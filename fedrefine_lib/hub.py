@@ -26,11 +26,11 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from .concat import ConcatFuser
+from .concat import ConcatFuser, PrefixFuser
 from .fuser import CONFIG_FILE, C2CFuser, FuserConfig
 from .train import Record, TrainConfig, TrainResult, train_fuser
 
-FUSER_CLASSES: dict[str, type[C2CFuser]] = {"residual": C2CFuser, "concat": ConcatFuser}
+FUSER_CLASSES: dict[str, type[C2CFuser]] = {"residual": C2CFuser, "concat": ConcatFuser, "prefix": PrefixFuser}
 INDEX_FILE = "index.json"
 LOCK_FILE = ".index.lock"
 TRAIN_FILE = "train.json"
@@ -75,7 +75,8 @@ def default_variant(kind: str) -> str:
 @dataclass(frozen=True)
 class FuserJob:
     """One fuser for :meth:`FuserHub.train_missing`: F_{sender->receiver} of ``variant``,
-    a ``kind`` (``"residual"`` or ``"concat"``) and ``FuserConfig.for_pair`` options."""
+    a ``kind`` (a fusion mode: ``"residual"``, ``"concat"`` or ``"prefix"``) and
+    ``FuserConfig.for_pair`` options."""
 
     sender: str
     receiver: str
@@ -186,7 +187,8 @@ class FuserHub:
         Args:
             receiver, sender: ``LoadedModel``s.
             records: fuser-training chat records.
-            kind: ``"residual"`` (C2C) or ``"concat"`` (``concat.ConcatFuser``).
+            kind: ``"residual"`` (C2C), ``"concat"`` (``concat.ConcatFuser``) or ``"prefix"``
+                (``concat.PrefixFuser``).
             fuser_options: passed to ``FuserConfig.for_pair`` (``layer_map``, ``aligner``,
                 ``hidden``, ``depth``, ...).
         Returns:

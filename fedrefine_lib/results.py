@@ -5,19 +5,24 @@ Schema (one JSON object per notebook, keys sorted, stable across runs with the s
     {
       "notebook": "01_c2c", "profile": "mini", "seed": 0,
       "library_version": "0.1.0",
+      "machine": {...},                    # CPU, the float kernels torch uses, versions
       "parameters": {...},                 # the notebook's papermill parameters
       "<metric groups>": {...},            # accuracies as {"value", "n", "ci95": [lo, hi]}
       "timings": {"<stage>": seconds, ...} # wall times of the notebook's stages
       "measured_seconds": {...}            # wall-clock results (e.g. latency per query)
     }
 
-``timings`` and ``measured_seconds`` are the only keys that vary from run to run.
+``timings`` and ``measured_seconds`` are the only keys that vary from run to run on one
+machine. Across machines the numbers may differ: training on the CPU is deterministic, but
+torch picks its float kernels by the CPU's vector instructions (AVX2, AVX-512, ...), and a
+different rounding early in pretraining gives another world. ``machine`` records which.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import platform
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, is_dataclass
@@ -49,6 +54,21 @@ def to_jsonable(value: Any) -> Any:
     return value
 
 
+def machine() -> dict[str, str]:
+    """What the float results of a run depend on besides the seed: the CPU model, the vector
+    instructions torch dispatches to, and the torch and transformers versions."""
+    import torch
+    import transformers
+
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    return {"cpu": cpu, "arch": platform.machine(), "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "torch": torch.__version__, "transformers": transformers.__version__}
+
+
 def _num(x: float) -> float | None:
     x = float(x)
     return None if math.isnan(x) else round(x, 6)
@@ -63,6 +83,7 @@ class RunRecord:
             "profile": profile,
             "seed": seed,
             "library_version": __version__,
+            "machine": machine(),
             "parameters": to_jsonable(parameters),
             "timings": {},
         }

@@ -108,7 +108,7 @@ class Study:
 
     @property
     def fusion(self) -> str:
-        """The profile's fusion mode (``fusion:`` in its YAML): ``residual`` (C2C) or ``concat``."""
+        """The profile's fusion mode (``fusion:`` in its YAML): ``residual`` (C2C), ``concat`` or ``prefix``."""
         from .federation import MODES
 
         mode = self.settings.get("fusion", "residual")

@@ -213,3 +213,21 @@ def test_router_gate_learns_who_serves_where(loaded_models, tmp_path, objective)
             gating.train_gate_selection(eng, gate, items, bad)
     with pytest.raises(ValueError, match="not differentiable"):
         gating.train_gate(eng, gate, [[{"role": "user", "content": "Fox?"}, {"role": "assistant", "content": "blue"}]])
+
+
+def test_router_opens_a_sender_only_past_the_margin():
+    """Scores are logits of each source's predicted chance of a right answer (own, s1, s2)."""
+    def router(chances, margin):
+        gate = gating.Gate(gating.GateConfig("r", ["s1", "s2"], 1, 1, 2, output="route", open_margin=margin))
+        with torch.no_grad():
+            gate.out.bias.copy_(torch.logit(torch.tensor(chances)))
+        return gate(torch.zeros(1, 2))[0].tolist()
+
+    # The receiver already knows the domain: senders within the margin stay closed.
+    assert router([0.90, 0.93, 0.80], 0.05) == [1.0, 0.0, 0.0]
+    assert router([0.90, 0.93, 0.80], 0.0) == [1.0, 1.0, 0.0]  # no margin: the best score wins
+    # A sender that knows what the receiver does not is opened (the best one only).
+    assert router([0.30, 0.60, 0.90], 0.05) == [1.0, 0.0, 1.0]
+    assert router([0.90, 0.90, 0.90], 0.0) == [1.0, 0.0, 0.0]  # ties go to the receiver alone
+    with pytest.raises(ValueError, match="open_margin"):
+        gating.GateConfig("r", ["s1"], 1, 1, 2, output="route", open_margin=1.5)

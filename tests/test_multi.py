@@ -1,12 +1,12 @@
-"""Multi-sender FedRefine (issue 6): residual and concat fusion, closed sources, hub errors."""
+"""Multi-sender FedRefine (issue 6): residual, concat and prefix fusion, closed sources, hub errors."""
 
 import pytest
 import torch
 
 from fedrefine_lib import evaluate, federation, gating, train
-from fedrefine_lib.concat import ConcatFuser
+from fedrefine_lib.concat import ConcatFuser, PrefixFuser
 from fedrefine_lib.fuser import C2CFuser, FuserConfig, FuserLoadError
-from fedrefine_lib.hub import FuserHub, MissingFuserError
+from fedrefine_lib.hub import FUSER_CLASSES, FuserHub, MissingFuserError
 
 PROMPTS = [
     [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What colour does zorblat glow, and why?"}],
@@ -27,7 +27,7 @@ def random_fuser(loaded_models, sender, receiver="qwen3", cls=C2CFuser, seed=0):
 
 
 def engine(loaded_models, senders, mode="residual", receiver="qwen3", **kw):
-    cls = ConcatFuser if mode == "concat" else C2CFuser
+    cls = FUSER_CLASSES[mode]
     fusers = {s: random_fuser(loaded_models, s, receiver, cls, seed=sorted(loaded_models).index(s)) for s in senders}
     return federation.FedRefine(loaded_models[receiver], [loaded_models[s] for s in senders], fusers, mode=mode, **kw)
 
@@ -59,7 +59,7 @@ def test_equal_weight_residual_with_one_sender_is_c2c(loaded_models):
     assert {"tokenize", "receiver_prefill", "gating", "alignment", "sender_prefill", "projection", "combine"} == set(a.trace.seconds)
 
 
-@pytest.mark.parametrize("mode", ["residual", "concat"])
+@pytest.mark.parametrize("mode", ["residual", "concat", "prefix"])
 def test_closed_source_has_no_effect(loaded_models, mode):
     """Gate weight 0 for a sender == the engine without that sender, bit for bit; it is
     not run and sends nothing."""
@@ -102,12 +102,13 @@ def test_closed_source_per_query_residual(loaded_models):
     assert a.trace.bytes["llama->qwen3"] == sum(kv.kv_bytes(cfg, int(n)) for i, n in enumerate(lengths) if i != 1)
 
 
-def test_concat_with_no_open_sender_is_the_receiver_alone(loaded_models):
-    closed = engine(loaded_models, ["llama"], "concat", policy=Fixed([[1.0, 0.0]] * 3))
+@pytest.mark.parametrize("mode", ["concat", "prefix"])
+def test_concat_with_no_open_sender_is_the_receiver_alone(loaded_models, mode):
+    closed = engine(loaded_models, ["llama"], mode, policy=Fixed([[1.0, 0.0]] * 3))
     (a, la), (b, lb) = logits(closed, PROMPTS), logits(federation.Standalone(closed.receiver), PROMPTS)
     assert a.prefix_mask.shape == (3, 0) and torch.equal(la, lb)
     # Closed for one query only: its sender block is masked, the query reads as alone.
-    partly = engine(loaded_models, ["llama"], "concat", policy=Fixed([[1.0, 1.0], [1.0, 0.0], [1.0, 1.0]]))
+    partly = engine(loaded_models, ["llama"], mode, policy=Fixed([[1.0, 1.0], [1.0, 0.0], [1.0, 1.0]]))
     p, lp = logits(partly, PROMPTS)
     assert p.prefix_mask[1].sum() == 0 and p.prefix_mask[0].sum() > 0
     torch.testing.assert_close(lp[1], lb[1], atol=1e-5, rtol=1e-4)
@@ -124,11 +125,16 @@ VIEWS = {
 }
 
 
+@pytest.mark.parametrize("mode", ["concat", "prefix"])
 @pytest.mark.parametrize("receiver,senders", [("qwen3", ["qwen2", "llama"]), ("qwen3", ["gemma3", "llama"]),
                                               ("gemma3", ["llama", "qwen2"]), ("llama", ["qwen3"])])
-def test_concat_senders_on_different_texts_batched_equals_per_sample(loaded_models, receiver, senders):
+def test_concat_senders_on_different_texts_batched_equals_per_sample(loaded_models, receiver, senders, mode):
     views = {s: VIEWS.get(s, VIEWS["qwen2"]) for s in senders}
-    eng = engine(loaded_models, senders, "concat", receiver=receiver, sender_views=views)
+    if mode == "prefix" and receiver == "gemma3":  # sliding-window receivers are refused
+        with pytest.raises(ValueError, match="sliding-window layers.*concat"):
+            engine(loaded_models, senders, mode, receiver=receiver, sender_views=views)
+        return
+    eng = engine(loaded_models, senders, mode, receiver=receiver, sender_views=views)
     pre, batch_logits = logits(eng, PROMPTS)
     assert pre.cache.seq_len == pre.prefix_mask.shape[1] + pre.input_ids.shape[1] - 1
     texts, trace = federation.generate(eng, PROMPTS, max_new_tokens=6)
@@ -138,11 +144,11 @@ def test_concat_senders_on_different_texts_batched_equals_per_sample(loaded_mode
         torch.testing.assert_close(batch_logits[b : b + 1], lo, atol=1e-5, rtol=1e-4)
         assert federation.generate(eng, [prompt], max_new_tokens=6)[0] == [texts[b]]
     # The senders really read their own texts: another view changes the result.
-    plain = engine(loaded_models, senders, "concat", receiver=receiver)
+    plain = engine(loaded_models, senders, mode, receiver=receiver)
     assert not torch.allclose(logits(plain, PROMPTS)[1], batch_logits)
 
 
-@pytest.mark.parametrize("mode", ["residual", "concat"])
+@pytest.mark.parametrize("mode", ["residual", "concat", "prefix"])
 def test_residual_batched_equals_per_sample_and_scores(loaded_models, mode):
     eng = engine(loaded_models, ["qwen2", "llama", "gemma3"], mode, policy=Fixed([[1.0, 0.5, 1.0, 0.0]] * 3))
     _, batch_logits = logits(eng, PROMPTS)
@@ -173,6 +179,13 @@ def test_hub_missing_pair_is_named(loaded_models, tmp_path):
     assert isinstance(eng.fusers[0], ConcatFuser)
     with pytest.raises(ValueError, match="concat fuser"):
         federation.FedRefine(r, [loaded_models["qwen2"]], {"qwen2": concat}, mode="residual")
+    with pytest.raises(ValueError, match="concat fuser.*'prefix'.*PrefixFuser"):
+        federation.FedRefine(r, [loaded_models["qwen2"]], {"qwen2": concat}, mode="prefix")
+    with pytest.raises(MissingFuserError, match=r"qwen2->qwen3/prefix"):
+        federation.FedRefine(r, [loaded_models["qwen2"]], hub, mode="prefix")
+    prefix = random_fuser(loaded_models, "qwen2", cls=PrefixFuser)
+    hub.put(prefix, train.TrainResult([1.0], {}, 1, 0.0), {"test": 1}, variant="prefix")
+    assert type(federation.FedRefine(r, [loaded_models["qwen2"]], hub, mode="prefix").fusers[0]) is PrefixFuser
     with pytest.raises(KeyError, match="llama->qwen3"):
         federation.FedRefine(r, [loaded_models["llama"]], {"qwen2": fuser})
 
@@ -187,15 +200,21 @@ def test_concat_fuser_save_load_strict(loaded_models, tmp_path):
         ConcatFuser.from_pretrained(tmp_path / "r")
     with pytest.raises(FuserLoadError, match="does not match"):
         C2CFuser.from_pretrained(tmp_path / "c")
+    # A prefix fuser has the same tensors, but was trained to be read another way: refused.
+    random_fuser(loaded_models, "llama", cls=PrefixFuser).save_pretrained(tmp_path / "p")
+    with pytest.raises(FuserLoadError, match="'prefix' fuser, not a 'concat'.*PrefixFuser.from_pretrained"):
+        ConcatFuser.from_pretrained(tmp_path / "p")
+    with pytest.raises(FuserLoadError, match="'concat' fuser, not a 'prefix'.*ConcatFuser.from_pretrained"):
+        PrefixFuser.from_pretrained(tmp_path / "c")
+    assert type(PrefixFuser.from_pretrained(tmp_path / "p", loaded_models["qwen3"], loaded_models["llama"])) is PrefixFuser
 
 
-def test_concat_fuser_trains_with_the_one_training_loop(loaded_models, monkeypatch):
-    """``train.train_fuser`` trains a ConcatFuser once it builds the fuser's own engine
-    (the hook the lead adds to train.py, emulated here)."""
+@pytest.mark.parametrize("cls", [ConcatFuser, PrefixFuser])
+def test_concat_fuser_trains_with_the_one_training_loop(loaded_models, cls):
+    """``train.train_fuser`` trains a ConcatFuser or PrefixFuser in the fuser's own engine."""
     r, s = loaded_models["qwen3"], loaded_models["llama"]
-    fuser = ConcatFuser(FuserConfig.for_pair(r, s, hidden=8, gate_init=2.0))
-    monkeypatch.setattr(train, "C2C", lambda receiver, sender, wrapped, aligner=None:
-                        fuser.make_engine(receiver, sender, wrapped, aligner))
+    fuser = cls(FuserConfig.for_pair(r, s, hidden=8, gate_init=2.0))
+    assert fuser.make_engine(r, s).mode == cls.kind
     records = [[{"role": "user", "content": f"Fox {i}?"}, {"role": "assistant", "content": "blue"}] for i in range(4)]
     before = [p.detach().clone() for p in fuser.parameters()]
     result = train.train_fuser(r, s, fuser, records, train.TrainConfig(lr=1e-2, batch_size=2, epochs=2, cpu=True,
@@ -216,13 +235,13 @@ def test_reused_caches_keep_their_trace(loaded_models):
     assert all(torch.equal(x, y) for x, y in zip(a.cache.values, b.cache.values))
 
 
-@pytest.mark.parametrize("mode", ["residual", "concat"])
+@pytest.mark.parametrize("mode", ["residual", "concat", "prefix"])
 def test_pair_engine_runs_either_fuser_kind(loaded_models, mode):
-    cls = ConcatFuser if mode == "concat" else C2CFuser
-    fuser = random_fuser(loaded_models, "llama", cls=cls)
+    fuser = random_fuser(loaded_models, "llama", cls=FUSER_CLASSES[mode])
     receiver, sender = loaded_models["qwen3"], loaded_models["llama"]
     eng = federation.pair_engine(receiver, sender, fuser)
-    assert isinstance(eng, federation.FedRefine if mode == "concat" else federation.C2C)
+    assert isinstance(eng, federation.C2C if mode == "residual" else federation.FedRefine)
+    assert getattr(eng, "mode", "residual") == mode
     same = federation.FedRefine(receiver, [sender], {sender.name: fuser}, mode=mode)
     (a, la), (b, lb) = logits(eng, PROMPTS), logits(same, PROMPTS)
     assert torch.allclose(la, lb, atol=1e-5)
@@ -258,3 +277,33 @@ def test_concat_weight_multiplies_a_blocks_attention_mass(loaded_models, receive
         torch.testing.assert_close(federation.continue_prefill(model, ones), federation.continue_prefill(model, plain),
                                    atol=1e-5, rtol=1e-4)
         assert not torch.allclose(la, federation.continue_prefill(model, ones), atol=1e-4)
+
+
+@pytest.mark.parametrize("receiver", ["qwen3", "llama"])
+def test_prefix_prompt_reads_the_sender_blocks(loaded_models, receiver):
+    """In prefix fusion the receiver's prompt tokens are prefilled reading the blocks (with
+    their log-weights), and the gradient reaches the fuser through them; in concat fusion
+    the prompt cache is the receiver's own prefill, bit for bit."""
+    sender = "qwen2" if receiver == "llama" else "llama"
+    concat, prefix = (engine(loaded_models, [sender], mode, receiver=receiver) for mode in ("concat", "prefix"))
+    prefix.fusers[0].load_state_dict(concat.fusers[0].state_dict())  # the same projector, read two ways
+    caches = concat.prompt_caches(PROMPTS)
+    own = caches.receiver_cache
+    with torch.no_grad():
+        (block,) = concat.project(caches)
+        c, p = concat.combine(caches, [block], torch.ones(3, 2)), prefix.combine(caches, [block], torch.ones(3, 2))
+    P = block.seq_len
+    assert all(torch.equal(k[:, :, P:], o) for k, o in zip(c.cache.keys, own.keys))
+    assert all(torch.equal(k[:, :, :P], b) for k, b in zip(p.cache.keys, block.keys))  # the blocks themselves
+    real = caches.receiver_mask[:, :-1].bool()
+    assert not torch.allclose(p.cache.keys[-1][:, :, P:].transpose(1, 2)[real], own.keys[-1].transpose(1, 2)[real], atol=1e-4)
+    # A lower weight on the block changes what the prompt reads from it.
+    with torch.no_grad():
+        half = prefix.combine(caches, [block], torch.tensor([[1.0, 0.5]] * 3))
+    assert not torch.allclose(half.cache.values[-1][:, :, P:], p.cache.values[-1][:, :, P:], atol=1e-5)
+    # Differentiable: the prompt KV of the top layer carries gradient back to the bottom layer's projector.
+    fuser = prefix.fusers[0]
+    (p_block,) = prefix.project(caches)
+    grad = torch.autograd.grad(prefix.combine(caches, [p_block], torch.ones(3, 2)).cache.values[-1][:, :, P:].sum(),
+                               fuser.value_projectors[0].out.weight)[0]
+    assert grad.abs().sum() > 0

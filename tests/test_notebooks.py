@@ -75,6 +75,7 @@ def test_notebook_runs_with_smoke_parameters(path, tmp_path_factory):
     assert metrics["notebook"] == path.stem and metrics["profile"] == "mini" and metrics["seed"] == 0
     assert metrics["parameters"]["smoke"] is True
     assert metrics["timings"]["total"] > 0
+    assert {"cpu", "torch_cpu_capability", "torch", "transformers"} <= set(metrics["machine"])
     for key in keys:
         node = metrics
         for part in key.split("."):
@@ -85,6 +86,8 @@ def test_notebook_runs_with_smoke_parameters(path, tmp_path_factory):
         assert metrics["by_senders_gate"]["k"] == [0, 1, 2, 3, 4]
         assert metrics["checks"] and all(isinstance(v, bool) for v in metrics["checks"].values())
         assert set(metrics["gate_weights_by_domain"]) == {"science", "code", "biology", "geography", "physics"}
+        # the router's rows are shares of questions: a sender, or the receiver alone ("own")
+        assert all(abs(sum(row.values()) - 1) < 1e-6 for row in metrics["gate_weights_by_domain"].values())
         assert metrics["parameters"]["gate_objective"] == "selection"
         assert all(0 <= v <= 1 for row in metrics["gate_targets_by_domain"].values() for v in row.values())
     if path.stem == "01_c2c":  # the cache probe: one accuracy per layer, sender and receiver
