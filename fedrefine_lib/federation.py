@@ -364,11 +364,11 @@ class FedRefine:
             different texts (``sender_views``), with no token alignment. The receiver's own
             prompt cache is its plain prefill: only its last prompt token and the answer
             tokens read the blocks.
-        ``prefix``: as ``concat``, but the receiver prefills its prompt (all tokens but the
-            last) *on top of* the blocks, so every prompt token may read them, with the same
-            ``log w_j`` on their columns: ``C = [P_1(C_1) ; ... ; C_r | P_1(C_1) ...]``. The
-            receiver's prefill waits for the senders' caches instead of running beside them;
-            no sender decodes. ``P_j`` is a ``concat.PrefixFuser`` (the projector of
+        ``prefix``: as ``concat``, but ``C = [P_1(C_1) ; ... ; P_S(C_S) ; C_r']`` where
+            ``C_r'`` is the receiver's prompt (all tokens but the last) prefilled *on top of*
+            the blocks, so every prompt token may read them (with the same ``log w_j`` on
+            their columns). The receiver's prefill waits for the senders' caches instead of
+            running beside them; no sender decodes. ``P_j`` is a ``concat.PrefixFuser`` (the projector of
             ``concat``, trained to be read this way).
 
     A weight of exactly 0 closes a source (no effect); a sender closed for every query of
@@ -571,8 +571,9 @@ class FedRefine:
                 masks.append(a.sender_mask.to(dev) * (w[:, 1 + j] > 0).to(a.sender_mask.dtype)[:, None])
                 biases.append(log_w[:, 1 + j, None].expand(-1, p.seq_len))
             prefix = torch.cat(masks, dim=1) if masks else caches.receiver_mask[:, :0]
-            if self.mode == "prefix" and blocks:
-                own = self._prefill_on(caches, _stack(blocks, dtype), prefix, torch.cat(biases, dim=1), trace)
+        if self.mode == "prefix" and blocks:  # its own stage: a second receiver prefill
+            own = self._prefill_on(caches, _stack(blocks, dtype), prefix, torch.cat(biases, dim=1), trace)
+        with trace.time("combine"):
             blocks.append(own)
             biases.append(log_w[:, 0, None].expand(-1, own.seq_len))
             cache = _stack(blocks, dtype)

@@ -496,7 +496,7 @@ def _optimise(gate: Gate, batches: list, loss_of: Callable[[Any], torch.Tensor],
             losses.append(loss.item())
             step += 1
             bar.update(1)
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+            bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)  # redraws follow mininterval
     bar.close()
     gate.eval()
     return GateTrainResult(losses, step, time.perf_counter() - start, config.to_dict())

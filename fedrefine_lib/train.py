@@ -254,7 +254,7 @@ def train_fuser(receiver, sender, fuser: torch.nn.Module, records: Sequence[Reco
             losses.append(value)
             step += 1
             bar.update(1)
-            bar.set_postfix(loss=f"{value:.3f}", tau=f"{fuser.temperature:.3g}")
+            bar.set_postfix(loss=f"{value:.3f}", tau=f"{fuser.temperature:.3g}", refresh=False)  # redraws follow mininterval
     bar.close()
     fuser.eval()
     result = TrainResult(losses, config.to_dict(), step, time.perf_counter() - start,
