@@ -295,6 +295,7 @@ def test_prefix_prompt_reads_the_sender_blocks(loaded_models, receiver):
     P = block.seq_len
     assert all(torch.equal(k[:, :, P:], o) for k, o in zip(c.cache.keys, own.keys))
     assert all(torch.equal(k[:, :, :P], b) for k, b in zip(p.cache.keys, block.keys))  # the blocks themselves
+    assert "receiver_prefill_on_senders" in p.trace.seconds and "receiver_prefill_on_senders" not in c.trace.seconds
     real = caches.receiver_mask[:, :-1].bool()
     assert not torch.allclose(p.cache.keys[-1][:, :, P:].transpose(1, 2)[real], own.keys[-1].transpose(1, 2)[real], atol=1e-4)
     # A lower weight on the block changes what the prompt reads from it.
