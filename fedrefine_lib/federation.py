@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator, Protocol, Sequence
 
 import torch
@@ -180,22 +180,38 @@ class Standalone:
 
 
 def sender_prefill(sender, alignment: Alignment, trace: Trace, wire_dtype: str = "bfloat16", link: str = "sender->receiver",
-                   rows: torch.Tensor | None = None) -> KVCache:
+                   rows: torch.Tensor | None = None, last: int | None = None) -> KVCache:
     """Run the sender over its aligned prompt (every position kept) and record the bytes
     its cache takes on the wire (``kv.kv_bytes`` per sample, real tokens only).
 
     Args:
         rows: ``[B]`` bool, the samples whose cache is actually sent (a selection policy
             closed the others); None: all. Only those count on the wire.
+        last: send only the cache of the last ``last`` prompt positions (block fusers'
+            ``sender_positions``; prompts are left padded, so these are every prompt's last
+            tokens); None: every position. Pair it with :func:`last_positions` on the alignment.
+    Returns:
+        per sender layer ``[B, Hs, S, Ds]`` (``S = min(last, prompt width)`` with ``last``).
     """
     dev = _device(sender.model)
     with trace.time("sender_prefill"):
         cache = full_prefill(sender.model, alignment.sender_ids.to(dev), alignment.sender_mask.to(dev))
+    if last is not None:
+        cache = cache.map(lambda t: t[:, :, -last:])
+        cache.seq_len = cache.keys[0].shape[2]
+        alignment = last_positions(alignment, last)
     sent = alignment.sender_mask if rows is None else alignment.sender_mask[rows.to(alignment.sender_mask.device)]
     lengths = sent.sum(1).tolist()
     trace.bytes[link] = trace.bytes.get(link, 0) + sum(kvlib.kv_bytes(sender.model.config, n, wire_dtype) for n in lengths)
     trace.tokens["sender_prompt"] = trace.tokens.get("sender_prompt", 0) + int(sum(lengths))
     return cache
+
+
+def last_positions(alignment: Alignment, last: int) -> Alignment:
+    """The alignment of a sender that sends only its last ``last`` prompt positions: its ids
+    and mask cut to ``[B, min(last, S)]`` (block fusion, where nothing is aligned)."""
+    return replace(alignment, sender_ids=alignment.sender_ids[:, -last:],
+                               sender_mask=alignment.sender_mask[:, -last:])
 
 
 def project(
@@ -468,8 +484,9 @@ class FedRefine:
                         raise RuntimeError(f"The {aligner.name} aligner tokenized the receiver prompt differently from "
                                            "encode_prompts; both must render with align.render.")
             a.sender_index = a.sender_index.to(ids.device)
-            alignments.append(a)
-            caches.append(sender_prefill(sender, a, trace, self.wire_dtype, link, rows=rows))
+            last = getattr(self.fusers[j], "module", self.fusers[j]).config.sender_positions
+            caches.append(sender_prefill(sender, a, trace, self.wire_dtype, link, rows=rows, last=last))
+            alignments.append(a if last is None else last_positions(a, last))
         return alignments, caches
 
     def prompt_caches(self, messages_batch: list[Messages], assistant_prefix: str | None = None,

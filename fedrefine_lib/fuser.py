@@ -93,6 +93,10 @@ class FuserConfig:
         dropout: dropout inside FFN blocks (training only).
         gate_init: initial gate logit (reference: 0, a fair coin under Gumbel noise and a
             closed hard gate; a positive value starts with the gates mostly open).
+        sender_positions: block fusers (``concat``, ``prefix``) only: the sender sends the cache
+            of its last ``sender_positions`` prompt positions (those that have read the whole
+            prompt) instead of every position; None sends all. A residual fuser fuses every
+            aligned position and needs None.
     """
 
     receiver_name: str
@@ -113,8 +117,13 @@ class FuserConfig:
     ffn_mult: int = 1
     dropout: float = 0.0
     gate_init: float = 0.0
+    sender_positions: int | None = None
 
     def __post_init__(self) -> None:
+        if self.sender_positions is not None and (isinstance(self.sender_positions, bool)
+                                                  or not isinstance(self.sender_positions, int) or self.sender_positions < 1):
+            raise ValueError(f"sender_positions={self.sender_positions!r}: give a whole number >= 1 of last prompt "
+                             "positions the sender sends, or None to send them all.")
         if not self.layer_map:
             self.layer_map = make_layer_map(self.receiver_layers, self.sender_layers, self.layer_map_kind)
         if len(self.layer_map) != self.receiver_layers or not all(0 <= l < self.sender_layers for l in self.layer_map):
@@ -132,7 +141,8 @@ class FuserConfig:
         Args:
             layer_map: a kind from :func:`align.layer_map` or an explicit list.
             aligner: token aligner name; default identity for the same tokenizer, else span.
-            sizes: ``hidden``, ``depth``, ``ffn_mult``, ``dropout``, ``gate_init``.
+            sizes: ``hidden``, ``depth``, ``ffn_mult``, ``dropout``, ``gate_init``,
+                ``sender_positions``.
         """
         from fedrefine_lib.align import get_aligner
 
@@ -204,6 +214,10 @@ class C2CFuser(nn.Module):
 
     def __init__(self, config: FuserConfig):
         super().__init__()
+        if self.kind == "residual" and config.sender_positions is not None:
+            raise ValueError(f"A residual fuser adds a residual on every receiver position aligned with the sender, so it "
+                             f"cannot take only the sender's last positions (sender_positions={config.sender_positions}); "
+                             "leave sender_positions None, or use a concat/prefix fuser (concat.ConcatFuser).")
         self.config = config
         c = config
         sender_dim = c.sender_kv_heads * c.sender_head_dim

@@ -31,6 +31,8 @@ from .fuser import CONFIG_FILE, C2CFuser, FuserConfig
 from .train import Record, TrainConfig, TrainResult, train_fuser
 
 FUSER_CLASSES: dict[str, type[C2CFuser]] = {"residual": C2CFuser, "concat": ConcatFuser, "prefix": PrefixFuser}
+BLOCK_ONLY_OPTIONS: tuple[str, ...] = ("sender_positions",)
+"""``FuserConfig`` options that only concat and prefix (block) fusers take."""
 INDEX_FILE = "index.json"
 LOCK_FILE = ".index.lock"
 TRAIN_FILE = "train.json"
@@ -76,7 +78,11 @@ def default_variant(kind: str) -> str:
 class FuserJob:
     """One fuser for :meth:`FuserHub.train_missing`: F_{sender->receiver} of ``variant``,
     a ``kind`` (a fusion mode: ``"residual"``, ``"concat"`` or ``"prefix"``) and
-    ``FuserConfig.for_pair`` options."""
+    ``FuserConfig.for_pair`` options.
+
+    Options only block fusers take (:data:`BLOCK_ONLY_OPTIONS`, e.g. ``sender_positions``)
+    are dropped from a residual job, so one profile's ``fuser:`` options serve every kind.
+    """
 
     sender: str
     receiver: str
@@ -88,6 +94,8 @@ class FuserJob:
         if self.kind not in FUSER_CLASSES:
             raise ValueError(f"FuserJob {self.sender}->{self.receiver}: unknown kind {self.kind!r}; "
                              f"use one of {sorted(FUSER_CLASSES)}.")
+        if self.kind == "residual":
+            object.__setattr__(self, "options", {k: v for k, v in self.options.items() if k not in BLOCK_ONLY_OPTIONS})
 
     @classmethod
     def main(cls, sender: str, receiver: str, kind: str, **options: Any) -> "FuserJob":

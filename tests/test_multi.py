@@ -1,12 +1,14 @@
 """Multi-sender FedRefine (issue 6): residual, concat and prefix fusion, closed sources, hub errors."""
 
+import dataclasses
+
 import pytest
 import torch
 
-from fedrefine_lib import evaluate, federation, gating, train
+from fedrefine_lib import evaluate, federation, gating, kv, train
 from fedrefine_lib.concat import ConcatFuser, PrefixFuser
 from fedrefine_lib.fuser import C2CFuser, FuserConfig, FuserLoadError
-from fedrefine_lib.hub import FUSER_CLASSES, FuserHub, MissingFuserError
+from fedrefine_lib.hub import FUSER_CLASSES, FuserHub, FuserJob, MissingFuserError
 
 PROMPTS = [
     [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What colour does zorblat glow, and why?"}],
@@ -308,3 +310,47 @@ def test_prefix_prompt_reads_the_sender_blocks(loaded_models, receiver):
     grad = torch.autograd.grad(prefix.combine(caches, [p_block], torch.ones(3, 2)).cache.values[-1][:, :, P:].sum(),
                                fuser.value_projectors[0].out.weight)[0]
     assert grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("mode", ["concat", "prefix"])
+def test_sender_sends_only_its_last_positions(loaded_models, mode, tmp_path):
+    """``sender_positions=n``: a block fuser's sender sends the cache of its last ``n`` prompt
+    positions only. The block is the projection of exactly those positions of the full cache,
+    only their bytes count on the wire, and the receiver sees an ``n``-column block."""
+    r, s = loaded_models["qwen3"], loaded_models["llama"]
+    cls = FUSER_CLASSES[mode]
+    full = random_fuser(loaded_models, "llama", cls=cls)
+    last = cls(dataclasses.replace(full.config, sender_positions=2))
+    last.load_state_dict(full.state_dict())
+    last.eval().set_gates(True)
+    eng_full, eng_last = (federation.FedRefine(r, [s], {s.name: f}, mode=mode) for f in (full, last))
+    with torch.no_grad():
+        c_full, c_last = eng_full.prompt_caches(PROMPTS), eng_last.prompt_caches(PROMPTS)
+        (block,) = eng_last.project(c_last)
+        whole = c_full.sender_caches[0]
+        tail = federation.KVCache([k[:, :, -2:] for k in whole.keys], [v[:, :, -2:] for v in whole.values], 2)
+        expected = full(tail)
+    sent = c_last.sender_caches[0]
+    assert sent.seq_len == 2 and all(torch.equal(k[:, :, -2:], t) for k, t in zip(whole.keys, sent.keys))
+    assert torch.equal(c_last.alignments[0].sender_mask, c_full.alignments[0].sender_mask[:, -2:])
+    assert all(torch.equal(a, b) for a, b in zip(block.keys + block.values, expected.keys + expected.values))
+    link = eng_last.links[0]
+    assert c_last.trace.bytes[link] == len(PROMPTS) * kv.kv_bytes(s.model.config, 2, "bfloat16")
+    assert c_full.trace.bytes[link] > 5 * c_last.trace.bytes[link]
+    pre, la = logits(eng_last, PROMPTS)
+    assert pre.prefix_mask.shape[1] == 2
+    _, alone = logits(federation.Standalone(r), PROMPTS)
+    assert not torch.allclose(la, alone, atol=1e-4)  # the two positions reach the receiver
+    last.save_pretrained(tmp_path / "f")
+    assert cls.from_pretrained(tmp_path / "f", r, s).config.sender_positions == 2
+
+
+def test_sender_positions_is_for_block_fusers_only(loaded_models):
+    r, s = loaded_models["qwen3"], loaded_models["llama"]
+    with pytest.raises(ValueError, match="whole number >= 1"):
+        FuserConfig.for_pair(r, s, hidden=8, sender_positions=0)
+    with pytest.raises(ValueError, match="residual fuser.*concat"):
+        C2CFuser(FuserConfig.for_pair(r, s, hidden=8, sender_positions=1))
+    # One profile's options serve every kind: residual jobs drop the block-only option.
+    assert FuserJob("llama", "qwen3", "default", "residual", {"hidden": 8, "sender_positions": 1}).options == {"hidden": 8}
+    assert FuserJob("llama", "qwen3", "concat", "concat", {"sender_positions": 1}).options == {"sender_positions": 1}
