@@ -55,7 +55,8 @@ class SenderProjector(nn.Module):
 
 
 class ConcatFuser(C2CFuser):
-    """Projects a sender's full prompt cache into a cache block for the receiver."""
+    """Projects a sender's prompt cache (every position, or the last ``config.sender_positions``
+    the engine keeps) into a cache block for the receiver."""
 
     kind = KIND
 
@@ -71,8 +72,9 @@ class ConcatFuser(C2CFuser):
         """The projected block.
 
         Args:
-            sender: the sender's full prompt cache, per *sender* layer ``[B, Hs, S, Ds]``
-                (every position kept; ``federation.full_prefill``).
+            sender: the sender's prompt cache, per *sender* layer ``[B, Hs, S, Ds]``: every
+                position (``federation.full_prefill``), or the last ``S = sender_positions`` the
+                sender sends (``federation.sender_prefill(last=...)``).
         Returns:
             per receiver layer ``[B, Hr, S, Dr]`` (in the fuser's dtype), ``g * P``.
         """
