@@ -189,18 +189,20 @@ def sender_prefill(sender, alignment: Alignment, trace: Trace, wire_dtype: str =
             closed the others); None: all. Only those count on the wire.
         last: send only the cache of the last ``last`` prompt positions (block fusers'
             ``sender_positions``; prompts are left padded, so these are every prompt's last
-            tokens); None: every position. Pair it with :func:`last_positions` on the alignment.
+            tokens); None: every position. The caller cuts the alignment to match
+            (:func:`last_positions`).
     Returns:
         per sender layer ``[B, Hs, S, Ds]`` (``S = min(last, prompt width)`` with ``last``).
     """
     dev = _device(sender.model)
     with trace.time("sender_prefill"):
         cache = full_prefill(sender.model, alignment.sender_ids.to(dev), alignment.sender_mask.to(dev))
+    mask = alignment.sender_mask
     if last is not None:
         cache = cache.map(lambda t: t[:, :, -last:])
         cache.seq_len = cache.keys[0].shape[2]
-        alignment = last_positions(alignment, last)
-    sent = alignment.sender_mask if rows is None else alignment.sender_mask[rows.to(alignment.sender_mask.device)]
+        mask = mask[:, -last:]
+    sent = mask if rows is None else mask[rows.to(mask.device)]
     lengths = sent.sum(1).tolist()
     trace.bytes[link] = trace.bytes.get(link, 0) + sum(kvlib.kv_bytes(sender.model.config, n, wire_dtype) for n in lengths)
     trace.tokens["sender_prompt"] = trace.tokens.get("sender_prompt", 0) + int(sum(lengths))

@@ -93,3 +93,8 @@ def test_notebook_runs_with_smoke_parameters(path, tmp_path_factory):
     if path.stem == "01_c2c":  # the cache probe: one accuracy per layer, sender and receiver
         probes = metrics["cache_probe_last_token"]
         assert len(probes) == 2 and all(0 <= a <= 1 for accs in probes.values() for a in accs)
+        # the positions ablation ran, and a mini sender sends one position's cache per query
+        labels = set(metrics["ablation_sender_domains"])
+        assert {"concat: top, last position", "concat: top, all positions"} <= labels, labels
+        assert all(_accuracy_ok(v) for v in metrics["ablation_sender_domains"].values())
+        assert metrics["c2c_bytes_per_query"] == metrics["bytes_per_token"]["kv"]["bfloat16"]
