@@ -15,7 +15,7 @@ EXTRA_mini := 01_c2c|c2c_qwen2.5-1.5b|-p sender_name mini-qwen2.5-1.5b -y 'ablat
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: all venv test test-fast reproduce lab bench clean smol-weights
+.PHONY: all venv test test-fast lint format reproduce lab bench clean smol-weights
 
 all: test
 
@@ -34,6 +34,13 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
+
+# Style: ruff (config in pyproject.toml, line length 120); `make test` checks it too (tests/test_style.py).
+lint: $(STAMP)
+	$(PY) -m ruff check . && $(PY) -m ruff format --check .
+
+format: $(STAMP)
+	$(PY) -m ruff check --fix . && $(PY) -m ruff format .
 
 # Progress bars in a papermill run are stored in the executed notebooks, one output per redraw
 # (a from-empty 00 kept 1.3 MB of them): redraw at most every 30 s there (tqdm reads TQDM_*).

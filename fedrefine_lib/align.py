@@ -22,15 +22,13 @@ meaning for different texts and refuses.
 from __future__ import annotations
 
 import bisect
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import torch
 
 from fedrefine_lib.kv import KVCache
-
-Messages = list[dict[str, str]]
-"""One chat: ``[{"role": ..., "content": ...}, ...]``."""
+from fedrefine_lib.prompts import Messages, Rendered, left_pad, pad_id, render
 
 LAYER_MAPS = ("bottom_up", "top_down", "depth", "top")
 
@@ -68,104 +66,6 @@ def layer_map(receiver_layers: int, sender_layers: int, kind: str = "top_down") 
     raise ValueError(f"Unknown layer map {kind!r}; use one of {LAYER_MAPS}.")
 
 
-# ------------------------------------------------------------------------ rendering
-
-
-@dataclass
-class Rendered:
-    """One prompt rendered with one tokenizer's chat template.
-
-    Attributes:
-        text: the rendered prompt string.
-        segments: per message (and the assistant prefix, if any), the ``(start, end)``
-            character span of its stripped content inside ``text``. Everything outside
-            the segments is template.
-        ids: token ids of ``text`` (no extra special tokens: the template carries its own).
-        offsets: per token, its ``(start, end)`` character span in ``text``.
-    """
-
-    text: str
-    segments: list[tuple[int, int]]
-    ids: list[int]
-    offsets: list[tuple[int, int]]
-
-
-def render(
-    tokenizer, messages: Messages, assistant_prefix: str | None = None, add_generation_prompt: bool = True
-) -> Rendered:
-    """Apply ``tokenizer``'s chat template to ``messages`` and tokenize the result.
-
-    Args:
-        assistant_prefix: text appended after the generation prompt (e.g. ``"The correct
-            answer is"``); part of the prompt, treated as content.
-    """
-    if not getattr(tokenizer, "chat_template", None):
-        raise ValueError(
-            f"Tokenizer {type(tokenizer).__name__} has no chat template; set "
-            "`tokenizer.chat_template` (models.load_model does this for base models)."
-        )
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-    contents = [m["content"] for m in messages]
-    if assistant_prefix:
-        text += assistant_prefix
-        contents.append(assistant_prefix)
-    segments, cursor = [], 0
-    for i, content in enumerate(contents):
-        needle = content.strip()
-        start = text.find(needle, cursor)
-        if start < 0:
-            raise ValueError(
-                f"Message {i} ({needle[:40]!r}...) does not appear verbatim in the text the chat "
-                "template rendered; the template rewrites content, which token alignment cannot follow."
-            )
-        segments.append((start, start + len(needle)))
-        cursor = start + len(needle)
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    return Rendered(text, segments, list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]])
-
-
-def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-pad token rows. Returns ids and mask, both ``[B, max_len]`` (long)."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for b, r in enumerate(rows):
-        if r:
-            ids[b, width - len(r) :] = torch.tensor(r, dtype=torch.long)
-            mask[b, width - len(r) :] = 1
-    return ids, mask
-
-
-def right_pad(rows: list[list[int]], device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad token rows (continuations, answers). Returns ids and mask ``[B, max_len]``."""
-    width = max(len(r) for r in rows)
-    ids = torch.zeros((len(rows), width), dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for b, r in enumerate(rows):
-        ids[b, : len(r)] = torch.tensor(r, dtype=torch.long)
-        mask[b, : len(r)] = 1
-    return ids.to(device), mask.to(device)
-
-
-def pad_id(tokenizer) -> int:
-    pid = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pid is None:
-        raise ValueError("Tokenizer has neither a pad nor an eos token; set `tokenizer.pad_token`.")
-    return pid
-
-
-def encode_prompts(
-    tokenizer, messages_batch: list[Messages], assistant_prefix: str | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Render and tokenize a batch of prompts with one model's template.
-
-    Returns:
-        ``input_ids`` and ``attention_mask``, ``[B, T]``, left padded.
-    """
-    rows = [render(tokenizer, m, assistant_prefix).ids for m in messages_batch]
-    return left_pad(rows, pad_id(tokenizer))
-
-
 # ------------------------------------------------------------------------- tokens
 
 
@@ -186,6 +86,11 @@ class Alignment:
     sender_mask: torch.Tensor
     sender_index: torch.Tensor
 
+    def last(self, n: int) -> Alignment:
+        """The alignment of a sender that sends only its last ``n`` prompt positions: its ids
+        and mask cut to ``[B, min(n, S)]`` (block fusion, where nothing is aligned)."""
+        return replace(self, sender_ids=self.sender_ids[:, -n:], sender_mask=self.sender_mask[:, -n:])
+
 
 class Aligner(Protocol):
     """``__call__`` aligns a batch; ``sender_messages_batch`` (default: the receiver's
@@ -194,7 +99,11 @@ class Aligner(Protocol):
     name: str
 
     def __call__(
-        self, messages_batch: list[Messages], receiver_tokenizer, sender_tokenizer, assistant_prefix: str | None = None,
+        self,
+        messages_batch: list[Messages],
+        receiver_tokenizer,
+        sender_tokenizer,
+        assistant_prefix: str | None = None,
         sender_messages_batch: list[Messages] | None = None,
     ) -> Alignment: ...
 
@@ -252,8 +161,9 @@ class IdentityAligner:
     def __init__(self) -> None:
         self._checked: set[tuple[int, int]] = set()  # tokenizer pairs already compared
 
-    def __call__(self, messages_batch, receiver_tokenizer, sender_tokenizer, assistant_prefix=None,
-                 sender_messages_batch=None) -> Alignment:
+    def __call__(
+        self, messages_batch, receiver_tokenizer, sender_tokenizer, assistant_prefix=None, sender_messages_batch=None
+    ) -> Alignment:
         pair = (id(receiver_tokenizer), id(sender_tokenizer))
         if pair not in self._checked and receiver_tokenizer.get_vocab() != sender_tokenizer.get_vocab():
             raise ValueError(
@@ -277,8 +187,9 @@ class SpanAligner:
 
     name = "span"
 
-    def __call__(self, messages_batch, receiver_tokenizer, sender_tokenizer, assistant_prefix=None,
-                 sender_messages_batch=None) -> Alignment:
+    def __call__(
+        self, messages_batch, receiver_tokenizer, sender_tokenizer, assistant_prefix=None, sender_messages_batch=None
+    ) -> Alignment:
         r_rows, s_rows, idx_rows = [], [], []
         for messages, sender_messages in zip(messages_batch, _sender_batch(messages_batch, sender_messages_batch)):
             r = render(receiver_tokenizer, messages, assistant_prefix)
@@ -309,10 +220,12 @@ class SpanTemplateAligner(SpanAligner):
 
     name = "span_template"
 
-    def __call__(self, messages_batch, receiver_tokenizer, sender_tokenizer, assistant_prefix=None,
-                 sender_messages_batch=None) -> Alignment:
-        base = super().__call__(messages_batch, receiver_tokenizer, sender_tokenizer, assistant_prefix,
-                                sender_messages_batch)
+    def __call__(
+        self, messages_batch, receiver_tokenizer, sender_tokenizer, assistant_prefix=None, sender_messages_batch=None
+    ) -> Alignment:
+        base = super().__call__(
+            messages_batch, receiver_tokenizer, sender_tokenizer, assistant_prefix, sender_messages_batch
+        )
         index = base.sender_index.clone()
         pairs = zip(messages_batch, _sender_batch(messages_batch, sender_messages_batch))
         for b, (messages, sender_messages) in enumerate(pairs):
@@ -375,8 +288,9 @@ class ReencodeAligner:
             return ids[0]
         return max(ids, key=lambda i: len(tokenizer.decode([i])))
 
-    def __call__(self, messages_batch, receiver_tokenizer, sender_tokenizer, assistant_prefix=None,
-                 sender_messages_batch=None) -> Alignment:
+    def __call__(
+        self, messages_batch, receiver_tokenizer, sender_tokenizer, assistant_prefix=None, sender_messages_batch=None
+    ) -> Alignment:
         if sender_messages_batch is not None and sender_messages_batch != messages_batch:
             raise ValueError(
                 "The reencode aligner makes the sender read the receiver's own tokens, so it cannot give the "
@@ -416,14 +330,21 @@ def _plain_ids(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
 
 
-ALIGNERS = {"identity": IdentityAligner, "span": SpanAligner, "span_template": SpanTemplateAligner, "reencode": ReencodeAligner}
+ALIGNERS = {
+    "identity": IdentityAligner,
+    "span": SpanAligner,
+    "span_template": SpanTemplateAligner,
+    "reencode": ReencodeAligner,
+}
 
 
 def get_aligner(aligner: str | Aligner | None, receiver_tokenizer=None, sender_tokenizer=None) -> Aligner:
     """An aligner by name; ``None`` picks ``identity`` for the same tokenizer, else ``span``."""
     if aligner is None:
-        same = receiver_tokenizer is not None and sender_tokenizer is not None and (
-            receiver_tokenizer.get_vocab() == sender_tokenizer.get_vocab()
+        same = (
+            receiver_tokenizer is not None
+            and sender_tokenizer is not None
+            and (receiver_tokenizer.get_vocab() == sender_tokenizer.get_vocab())
         )
         aligner = "identity" if same else "span"
     if isinstance(aligner, str):

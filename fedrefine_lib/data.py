@@ -43,7 +43,8 @@ def _rows(path: str | Path) -> Iterator[tuple[int, dict]]:
         raise DataFormatError(
             f"{path}: file not found. Build the mini world with "
             "fedrefine_lib.world.build_world(), or point the profile at an existing "
-            "JSONL/Parquet file.")
+            "JSONL/Parquet file."
+        )
     if path.suffix == ".parquet":
         import pandas as pd
 
@@ -57,11 +58,11 @@ def _rows(path: str | Path) -> Iterator[tuple[int, dict]]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise DataFormatError(f"{path}, line {i}: not valid JSON ({exc.msg}). "
-                                      "Each line must be one JSON object (JSONL).") from exc
+                raise DataFormatError(
+                    f"{path}, line {i}: not valid JSON ({exc.msg}). Each line must be one JSON object (JSONL)."
+                ) from exc
             if not isinstance(row, dict):
-                raise DataFormatError(f"{path}, line {i}: expected a JSON object, got "
-                                      f"{type(row).__name__}.")
+                raise DataFormatError(f"{path}, line {i}: expected a JSON object, got {type(row).__name__}.")
             yield i, row
 
 
@@ -93,8 +94,10 @@ def load_chat_records(path: str | Path, kinds: Sequence[str] | None = None) -> l
     for i, row in _rows(path):
         if kinds is not None:
             if "kind" not in row:
-                raise DataFormatError(f"{path}, line {i}: asked for records of kinds {list(kinds)} but the row has "
-                                      "no 'kind' field; drop the kinds filter (e.g. `chat_train_kinds` in the profile).")
+                raise DataFormatError(
+                    f"{path}, line {i}: asked for records of kinds {list(kinds)} but the row has "
+                    "no 'kind' field; drop the kinds filter (e.g. `chat_train_kinds` in the profile)."
+                )
             if row["kind"] not in kinds:
                 continue
         conv = row.get("conversations")
@@ -102,7 +105,8 @@ def load_chat_records(path: str | Path, kinds: Sequence[str] | None = None) -> l
             raise DataFormatError(
                 f"{path}, line {i}: expected a non-empty 'conversations' list of "
                 "{'from': 'system'|'human'|'gpt', 'value': str} (OpenHermes-2.5 schema); "
-                f"got keys {sorted(row)}.")
+                f"got keys {sorted(row)}."
+            )
         messages = []
         for j, turn in enumerate(conv):
             who = turn.get("from") if isinstance(turn, dict) else None
@@ -110,11 +114,13 @@ def load_chat_records(path: str | Path, kinds: Sequence[str] | None = None) -> l
             if who not in ROLE_OF or not isinstance(value, str):
                 raise DataFormatError(
                     f"{path}, line {i}, turn {j}: expected {{'from': one of "
-                    f"{sorted(ROLE_OF)}, 'value': str}}, got {turn!r}.")
+                    f"{sorted(ROLE_OF)}, 'value': str}}, got {turn!r}."
+                )
             messages.append({"role": ROLE_OF[who], "content": value})
         if messages[-1]["role"] != "assistant":
-            raise DataFormatError(f"{path}, line {i}: the last turn must be from 'gpt' "
-                                  "(the assistant answer that training scores).")
+            raise DataFormatError(
+                f"{path}, line {i}: the last turn must be from 'gpt' (the assistant answer that training scores)."
+            )
         records.append(messages)
     if kinds is not None and not records:
         raise DataFormatError(f"{path}: no record of kinds {list(kinds)}; check the kinds filter.")
@@ -123,27 +129,32 @@ def load_chat_records(path: str | Path, kinds: Sequence[str] | None = None) -> l
 
 def to_chat_record(messages: list[dict], **extra: Any) -> dict:
     """Chat messages as one OpenHermes-2.5-style row (``extra`` fields kept alongside)."""
-    return {"conversations": [{"from": FROM_OF[m["role"]], "value": m["content"]} for m in messages],
-            **extra}
+    return {"conversations": [{"from": FROM_OF[m["role"]], "value": m["content"]} for m in messages], **extra}
 
 
 def validate_mcq(item: dict, where: str = "item") -> dict:
     """Check one OpenBookQA-style item; return it unchanged or raise :class:`DataFormatError`."""
     for key in ("id", "question_stem", "choices", "answerKey"):
         if key not in item:
-            raise DataFormatError(f"{where}: missing field {key!r}. OpenBookQA schema: id, "
-                                  "question_stem, choices{text,label}, answerKey.")
+            raise DataFormatError(
+                f"{where}: missing field {key!r}. OpenBookQA schema: id, "
+                "question_stem, choices{text,label}, answerKey."
+            )
     choices = item["choices"]
-    if (not isinstance(choices, dict) or not isinstance(choices.get("text"), list)
-            or not isinstance(choices.get("label"), list)
-            or len(choices["text"]) != len(choices["label"]) or len(choices["text"]) < 2):
-        raise DataFormatError(f"{where}: 'choices' must be {{'text': [...], 'label': [...]}} of "
-                              f"equal length >= 2, got {choices!r}.")
+    if (
+        not isinstance(choices, dict)
+        or not isinstance(choices.get("text"), list)
+        or not isinstance(choices.get("label"), list)
+        or len(choices["text"]) != len(choices["label"])
+        or len(choices["text"]) < 2
+    ):
+        raise DataFormatError(
+            f"{where}: 'choices' must be {{'text': [...], 'label': [...]}} of equal length >= 2, got {choices!r}."
+        )
     if not all(isinstance(t, str) and t for t in choices["text"]):
         raise DataFormatError(f"{where}: every choice text must be a non-empty string.")
     if item["answerKey"] not in choices["label"]:
-        raise DataFormatError(f"{where}: answerKey {item['answerKey']!r} is not one of the "
-                              f"labels {choices['label']}.")
+        raise DataFormatError(f"{where}: answerKey {item['answerKey']!r} is not one of the labels {choices['label']}.")
     if not isinstance(item["question_stem"], str) or not item["question_stem"].strip():
         raise DataFormatError(f"{where}: question_stem must be a non-empty string.")
     return item

@@ -19,15 +19,18 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
 from fedrefine_lib import data
-from fedrefine_lib.align import right_pad
-from fedrefine_lib.federation import Prefill, Standalone, Trace, continue_prefill, generate
+from fedrefine_lib.decode import generate
+from fedrefine_lib.engine import Prefill, Standalone, continue_prefill
+from fedrefine_lib.prompts import right_pad
+from fedrefine_lib.trace import Trace
 
 METHODS = ("loglik", "letter", "generate")
 LETTER_PREFIX = "The correct answer is"
@@ -105,8 +108,13 @@ class McqResult:
         return [
             {"id": i, "answer": a, "prediction": p, "correct": c, "scores": s, "output": o, "domain": d}
             for i, a, p, c, s, o, d in zip(
-                self.ids, self.answers, self.predictions, self.correct,
-                self.scores or [[]] * len(self.ids), self.outputs, self.domains,
+                self.ids,
+                self.answers,
+                self.predictions,
+                self.correct,
+                self.scores or [[]] * len(self.ids),
+                self.outputs,
+                self.domains,
             )
         ]
 
@@ -153,13 +161,16 @@ def _engine(engine_or_model):
     if hasattr(engine_or_model, "model") and hasattr(engine_or_model, "tokenizer"):
         return Standalone(engine_or_model)
     raise TypeError(
-        f"score_mcq needs an engine (federation.Standalone, federation.C2C, ...) or a LoadedModel, "
+        f"score_mcq needs an engine (engine.Standalone, federation.C2C, federation.FedRefine, ...) or a LoadedModel, "
         f"got {type(engine_or_model).__name__}."
     )
 
 
 def continuation_logliks(
-    engine, messages_batch: list[list[dict[str, str]]], continuations: list[list[str]], assistant_prefix: str | None = None
+    engine,
+    messages_batch: list[list[dict[str, str]]],
+    continuations: list[list[str]],
+    assistant_prefix: str | None = None,
 ) -> tuple[list[list[float]], Trace]:
     """Summed log-probability of each continuation text after each prompt.
 
@@ -201,8 +212,14 @@ def _letter_token_ids(tok, label: str) -> list[int]:
 
 @torch.no_grad()
 def score_mcq(
-    engine_or_loadedmodel, items: Sequence[dict], *, method: str = "loglik", batch_size: int = 8,
-    max_new_tokens: int = 16, progress: bool = True, contexts: Sequence[str | None] | None = None,
+    engine_or_loadedmodel,
+    items: Sequence[dict],
+    *,
+    method: str = "loglik",
+    batch_size: int = 8,
+    max_new_tokens: int = 16,
+    progress: bool = True,
+    contexts: Sequence[str | None] | None = None,
 ) -> McqResult:
     """Score multiple-choice ``items`` with an engine (or a ``LoadedModel`` = receiver alone).
 
@@ -212,7 +229,7 @@ def score_mcq(
         max_new_tokens: generation budget for ``"generate"``.
         contexts: one context note per item (or None for none), put before the question
             (``data.mcq_messages(item, contexts[i])``): the T2T baseline
-            (``federation.t2t_notes``) or an oracle note.
+            (``t2t.t2t_notes``) or an oracle note.
     Returns:
         a :class:`McqResult` with every item, in order.
     """
@@ -224,24 +241,34 @@ def score_mcq(
     tok = engine.receiver.tokenizer
     result = McqResult(method)
     starts = range(0, len(items), batch_size)
-    batches = [(items[i : i + batch_size], [None] * len(items[i : i + batch_size]) if contexts is None
-                else list(contexts[i : i + batch_size])) for i in starts]
+    batches = [
+        (
+            items[i : i + batch_size],
+            [None] * len(items[i : i + batch_size]) if contexts is None else list(contexts[i : i + batch_size]),
+        )
+        for i in starts
+    ]
     for batch, notes in tqdm(batches, desc=f"MCQ ({method})", disable=not progress):
         labels = [list(it["choices"]["label"]) for it in batch]
         texts = [list(it["choices"]["text"]) for it in batch]
         outputs: list[str | None] = [None] * len(batch)
         if method == "loglik":
-            scores, trace = continuation_logliks(engine, [question_messages(it, c) for it, c in zip(batch, notes)], texts)
+            scores, trace = continuation_logliks(
+                engine, [question_messages(it, c) for it, c in zip(batch, notes)], texts
+            )
             preds = [_argmax_label(l, s) for l, s in zip(labels, scores)]
         elif method == "letter":
             pre = engine.prefill([letter_messages(it, c) for it, c in zip(batch, notes)], LETTER_PREFIX)
             trace = pre.trace
             last = continue_prefill(engine.receiver.model, pre)[:, -1].float()  # [B, V]
-            scores = [[max(last[b, i].item() for i in _letter_token_ids(tok, l)) for l in ls] for b, ls in enumerate(labels)]
+            scores = [
+                [max(last[b, i].item() for i in _letter_token_ids(tok, l)) for l in ls] for b, ls in enumerate(labels)
+            ]
             preds = [_argmax_label(l, s) for l, s in zip(labels, scores)]
         else:
-            outputs, trace = generate(engine, [letter_messages(it, c) for it, c in zip(batch, notes)], max_new_tokens,
-                                      LETTER_PREFIX)
+            outputs, trace = generate(
+                engine, [letter_messages(it, c) for it, c in zip(batch, notes)], max_new_tokens, LETTER_PREFIX
+            )
             scores = [[] for _ in batch]
             preds = [extract_answer(o, l, t) for o, l, t in zip(outputs, labels, texts)]
         result.trace.add(trace)

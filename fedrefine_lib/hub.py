@@ -18,19 +18,19 @@ import hashlib
 import json
 import multiprocessing as mp
 import os
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 
-from .concat import ConcatFuser, PrefixFuser
-from .fuser import CONFIG_FILE, C2CFuser, FuserConfig
-from .train import Record, TrainConfig, TrainResult, train_fuser
+from .fuser import KINDS, Fuser, FuserConfig, build_fuser, load_fuser
+from .prompts import Record
+from .train import TrainConfig, TrainResult, train_fuser
 
-FUSER_CLASSES: dict[str, type[C2CFuser]] = {"residual": C2CFuser, "concat": ConcatFuser, "prefix": PrefixFuser}
 BLOCK_ONLY_OPTIONS: tuple[str, ...] = ("sender_positions",)
 """``FuserConfig`` options that only concat and prefix (block) fusers take."""
 INDEX_FILE = "index.json"
@@ -57,20 +57,11 @@ def recipe(fuser_config: FuserConfig, train_config: TrainConfig, data_hash: str)
     return {"fuser": fuser_config.to_dict(), "train": train, "data": data_hash}
 
 
-def fuser_class(directory: Path) -> type[C2CFuser]:
-    """The fuser class a saved fuser directory holds (by the ``kind`` in its config JSON)."""
-    path = directory / CONFIG_FILE
-    kind = json.loads(path.read_text()).get("kind", "residual") if path.is_file() else "residual"
-    if kind not in FUSER_CLASSES:
-        raise ValueError(f"{path}: unknown fuser kind {kind!r}; known: {sorted(FUSER_CLASSES)}.")
-    return FUSER_CLASSES[kind]
-
-
 def default_variant(kind: str) -> str:
     """The hub variant a fusion mode's main fusers are stored under: ``"default"`` for
     residual C2C fusers, the mode's name (``"concat"``) otherwise."""
-    if kind not in FUSER_CLASSES:
-        raise ValueError(f"Unknown fuser kind {kind!r}; known: {sorted(FUSER_CLASSES)}.")
+    if kind not in KINDS:
+        raise ValueError(f"Unknown fuser kind {kind!r}; known: {list(KINDS)}.")
     return "default" if kind == "residual" else kind
 
 
@@ -91,16 +82,64 @@ class FuserJob:
     options: dict[str, Any] = field(default_factory=dict, hash=False)
 
     def __post_init__(self) -> None:
-        if self.kind not in FUSER_CLASSES:
-            raise ValueError(f"FuserJob {self.sender}->{self.receiver}: unknown kind {self.kind!r}; "
-                             f"use one of {sorted(FUSER_CLASSES)}.")
+        if self.kind not in KINDS:
+            raise ValueError(
+                f"FuserJob {self.sender}->{self.receiver}: unknown kind {self.kind!r}; use one of {list(KINDS)}."
+            )
         if self.kind == "residual":
             object.__setattr__(self, "options", {k: v for k, v in self.options.items() if k not in BLOCK_ONLY_OPTIONS})
 
     @classmethod
-    def main(cls, sender: str, receiver: str, kind: str, **options: Any) -> "FuserJob":
+    def main(cls, sender: str, receiver: str, kind: str, **options: Any) -> FuserJob:
         """The pair's main fuser of a fusion mode (stored under :func:`default_variant`)."""
         return cls(sender, receiver, default_variant(kind), kind, options)
+
+
+ABLATIONS = ("fusion", "prefix", "positions", "reencode", "span_template", "layer_map")
+"""Ablations of a pair's main fuser (:func:`ablation_jobs`)."""
+
+
+def check_ablations(names: Sequence[str]) -> None:
+    """Refuse anything but a list of names from :data:`ABLATIONS`, naming the allowed ones."""
+    if not isinstance(names, (list, tuple)) or set(names) - set(ABLATIONS):
+        raise ValueError(f"ablations={names!r}: give a list of names from {ABLATIONS} (or [] for none).")
+
+
+def ablation_jobs(
+    sender: str, receiver: str, fusion: str, options: dict[str, Any], names: Sequence[str]
+) -> dict[str, FuserJob]:
+    """The fusers of an ablation of F_{sender->receiver}, each one change from the main recipe
+    (fusion mode ``fusion``, ``FuserConfig.for_pair`` ``options``).
+
+    Args:
+        names: from :data:`ABLATIONS`: ``fusion`` (the other of residual / concat), ``prefix``
+            (prefix fusion), ``positions`` (block modes: every prompt position sent, or only
+            the last), ``reencode`` and ``span_template`` (residual fusion with that aligner),
+            ``layer_map`` (each other layer map of ``top``, ``top_down``, ``bottom_up``).
+    Returns:
+        ``{ablation label: job}`` (``"layer_map <kind>"`` for each other layer map), each
+        stored under its own hub variant.
+    """
+    check_ablations(names)
+    other_mode = "residual" if fusion == "concat" else "concat"
+    layer_map = options.get("layer_map", "top_down")
+    map_kind = layer_map if isinstance(layer_map, str) else "custom"
+    positions = options.get("sender_positions")
+    changes = {  # ablation -> (hub variant, fusion mode, change to the fuser options)
+        "fusion": (default_variant(other_mode), other_mode, {}),
+        **({"prefix": (default_variant("prefix"), "prefix", {})} if fusion != "prefix" else {}),
+        **({"positions": (f"{fusion}_{'all_positions' if positions else 'last_position'}", fusion,
+                          {"sender_positions": None if positions else 1})} if fusion != "residual" else {}),
+        "reencode": ("reencode", "residual", {"aligner": "reencode"}),
+        "span_template": ("span_template", "residual", {"aligner": "span_template"}),
+        **{f"layer_map {m}": (f"{fusion}_{m}", fusion, {"layer_map": m})
+           for m in ("top", "top_down", "bottom_up") if m != map_kind},
+    }  # fmt: skip
+    return {
+        name: FuserJob(sender, receiver, variant, kind, {**options, **change})
+        for name, (variant, kind, change) in changes.items()
+        if name.split()[0] in names
+    }
 
 
 class FuserHub:
@@ -144,7 +183,7 @@ class FuserHub:
 
     # ----------------------------------------------------------------- get / put
 
-    def get(self, sender, receiver, variant: str = "default") -> C2CFuser:
+    def get(self, sender, receiver, variant: str = "default") -> Fuser:
         """F_{sender->receiver}. ``sender``/``receiver`` are names or ``LoadedModel``s (then
         the pair is checked strictly against the models)."""
         s_name, r_name = getattr(sender, "name", sender), getattr(receiver, "name", receiver)
@@ -156,26 +195,51 @@ class FuserHub:
                 "Train it with FuserHub.train_missing(...) or FuserHub.get_or_train(...)."
             )
         models = (receiver, sender) if hasattr(sender, "model") and hasattr(receiver, "model") else (None, None)
-        directory = self.pair_dir(s_name, r_name, variant)
-        return fuser_class(directory).from_pretrained(directory, *models)
+        return load_fuser(self.pair_dir(s_name, r_name, variant), *models)
+
+    def fusers(self, receiver, senders, kind: str = "residual", variant: str | None = None) -> dict[str, Fuser]:
+        """Every sender's fuser for ``receiver`` of one fusion mode, ``{sender name: fuser}``
+        (what ``federation.FedRefine`` takes), loaded strictly against the models.
+
+        Args:
+            variant: the hub variant (default: the mode's main fusers, :func:`default_variant`).
+        """
+        variant = variant or default_variant(kind)
+        fusers = {s.name: self.get(s, receiver, variant) for s in senders}
+        wrong = {name: f.kind for name, f in fusers.items() if f.kind != kind}
+        if wrong:
+            raise ValueError(
+                f"Hub variant {variant!r} holds fusers of kinds {wrong}, not {kind!r}; name the variant "
+                f"that holds the {kind} fusers."
+            )
+        return fusers
 
     def training(self, sender: str, receiver: str, variant: str = "default") -> dict[str, Any]:
         """The stored training record (loss curve, configs) of a fuser."""
         return json.loads((self.pair_dir(sender, receiver, variant) / TRAIN_FILE).read_text())
 
-    def put(self, fuser: C2CFuser, result: TrainResult, recipe: dict[str, Any], variant: str = "default",
-            **extra: Any) -> Path:
+    def put(
+        self, fuser: Fuser, result: TrainResult, recipe: dict[str, Any], variant: str = "default", **extra: Any
+    ) -> Path:
         """Store a trained fuser with its training record and add it to the index."""
         c = fuser.config
         directory = fuser.save_pretrained(self.pair_dir(c.sender_name, c.receiver_name, variant))
         (directory / TRAIN_FILE).write_text(json.dumps({**result.to_dict(), "recipe": recipe}, indent=2) + "\n")
-        tail = result.losses[-max(1, len(result.losses) // 10):]
+        tail = result.losses[-max(1, len(result.losses) // 10) :]
         with self._updating_index() as index:
             index[self.key(c.sender_name, c.receiver_name, variant)] = {
-                "sender": c.sender_name, "receiver": c.receiver_name, "variant": variant,
-                "path": str(directory.relative_to(self.root)), "parameters": fuser.num_parameters(),
-                "layer_map": c.layer_map_kind, "aligner": c.aligner, "hidden": c.hidden,
-                "final_loss": sum(tail) / len(tail), "steps": result.steps, "recipe": recipe, **extra,
+                "sender": c.sender_name,
+                "receiver": c.receiver_name,
+                "variant": variant,
+                "path": str(directory.relative_to(self.root)),
+                "parameters": fuser.num_parameters(),
+                "layer_map": c.layer_map_kind,
+                "aligner": c.aligner,
+                "hidden": c.hidden,
+                "final_loss": sum(tail) / len(tail),
+                "steps": result.steps,
+                "recipe": recipe,
+                **extra,
             }
         return directory
 
@@ -187,42 +251,61 @@ class FuserHub:
     # ----------------------------------------------------------------- training
 
     def get_or_train(
-        self, receiver, sender, records: Sequence[Record], *, variant: str = "default",
-        train_config: TrainConfig | None = None, kind: str = "residual", **fuser_options: Any,
-    ) -> tuple[C2CFuser, dict[str, Any]]:
+        self,
+        receiver,
+        sender,
+        records: Sequence[Record],
+        *,
+        variant: str = "default",
+        train_config: TrainConfig | None = None,
+        kind: str = "residual",
+        **fuser_options: Any,
+    ) -> tuple[Fuser, dict[str, Any]]:
         """F_{sender->receiver} made by this recipe: loaded if stored, else trained and stored.
 
         Args:
             receiver, sender: ``LoadedModel``s.
             records: fuser-training chat records.
-            kind: ``"residual"`` (C2C), ``"concat"`` (``concat.ConcatFuser``) or ``"prefix"``
-                (``concat.PrefixFuser``).
+            kind: ``"residual"`` (C2C), ``"concat"`` or ``"prefix"`` (``fuser.FuserConfig.kind``).
             fuser_options: passed to ``FuserConfig.for_pair`` (``layer_map``, ``aligner``,
                 ``hidden``, ``depth``, ...).
         Returns:
             the fuser (eval mode) and its training record (``losses``, ``config``, ...).
         """
         train_config = train_config or TrainConfig()
-        config = FuserConfig.for_pair(receiver, sender, **fuser_options)
+        config = FuserConfig.for_pair(receiver, sender, kind=kind, **fuser_options)
         wanted = self.recipe_for(receiver, sender, records, train_config, kind, **fuser_options)
         if not self.has(sender.name, receiver.name, variant, wanted):
             torch.manual_seed(train_config.seed)  # the fuser's initial weights are part of the recipe
-            fuser = FUSER_CLASSES[kind](config)
-            result = train_fuser(receiver, sender, fuser, records, replace(train_config, loss_curve_path=None),
-                                 aligner=config.aligner)
+            fuser = build_fuser(config)
+            result = train_fuser(
+                receiver, sender, fuser, records, replace(train_config, loss_curve_path=None), aligner=config.aligner
+            )
             self.put(fuser.eval(), result, wanted, variant)
         return self.get(sender, receiver, variant), self.training(sender.name, receiver.name, variant)
 
     @staticmethod
-    def recipe_for(receiver, sender, records: Sequence[Record], train_config: TrainConfig | None = None,
-                   kind: str = "residual", **fuser_options: Any) -> dict[str, Any]:
+    def recipe_for(
+        receiver,
+        sender,
+        records: Sequence[Record],
+        train_config: TrainConfig | None = None,
+        kind: str = "residual",
+        **fuser_options: Any,
+    ) -> dict[str, Any]:
         """The recipe a fuser of this pair, kind, options, settings and data is stored under."""
-        config = FuserConfig.for_pair(receiver, sender, **fuser_options)
-        return {**recipe(config, train_config or TrainConfig(), records_hash(records)), "kind": kind}
+        config = FuserConfig.for_pair(receiver, sender, kind=kind, **fuser_options)
+        return recipe(config, train_config or TrainConfig(), records_hash(records))
 
     def train_missing(
-        self, load: Callable[[str], Any], jobs: Sequence[FuserJob], records: Sequence[Record], *,
-        train_config: TrainConfig | None = None, workers: int = 1, spec: Callable[[str], Any] | None = None,
+        self,
+        load: Callable[[str], Any],
+        jobs: Sequence[FuserJob],
+        records: Sequence[Record],
+        *,
+        train_config: TrainConfig | None = None,
+        workers: int = 1,
+        spec: Callable[[str], Any] | None = None,
         cache_dir: str | Path | None = None,
     ) -> list[str]:
         """Train every job's fuser not yet stored with its recipe.
@@ -239,14 +322,30 @@ class FuserHub:
         missing = []
         for job in jobs:
             r, s = load(job.receiver), load(job.sender)
-            if not self.has(job.sender, job.receiver, job.variant,
-                            self.recipe_for(r, s, records, train_config, job.kind, **job.options)):
+            if not self.has(
+                job.sender,
+                job.receiver,
+                job.variant,
+                self.recipe_for(r, s, records, train_config, job.kind, **job.options),
+            ):
                 missing.append(job)
         if workers > 1 and len(missing) > 1:
             if spec is None:
-                raise ValueError("train_missing(workers > 1) needs spec (model name -> ModelSpec) to load models in the workers.")
-            args = [(str(self.root), spec(j.receiver), spec(j.sender), j, list(records), train_config,
-                     None if cache_dir is None else str(cache_dir)) for j in missing]
+                raise ValueError(
+                    "train_missing(workers > 1) needs spec (model name -> ModelSpec) to load models in the workers."
+                )
+            args = [
+                (
+                    str(self.root),
+                    spec(j.receiver),
+                    spec(j.sender),
+                    j,
+                    list(records),
+                    train_config,
+                    None if cache_dir is None else str(cache_dir),
+                )
+                for j in missing
+            ]
             with ProcessPoolExecutor(min(workers, len(missing)), mp_context=mp.get_context("spawn")) as pool:
                 for future in [pool.submit(_train_job, *a) for a in args]:
                     future.result()
@@ -254,27 +353,52 @@ class FuserHub:
             from tqdm.auto import tqdm
 
             for job in tqdm(missing, desc="fuser hub", disable=not missing):
-                self.get_or_train(load(job.receiver), load(job.sender), records, variant=job.variant,
-                                  train_config=train_config, kind=job.kind, **job.options)
+                self.get_or_train(
+                    load(job.receiver),
+                    load(job.sender),
+                    records,
+                    variant=job.variant,
+                    train_config=train_config,
+                    kind=job.kind,
+                    **job.options,
+                )
         return [self.key(j.sender, j.receiver, j.variant) for j in missing]
 
     def summary(self):
         """One row per stored fuser: pair, parameters, layer map, aligner, loss, gain."""
         import pandas as pd
 
-        cols = ["sender", "receiver", "variant", "parameters", "layer_map", "aligner", "hidden",
-                "steps", "final_loss", "heldout_gain"]
+        cols = [
+            "sender",
+            "receiver",
+            "variant",
+            "parameters",
+            "layer_map",
+            "aligner",
+            "hidden",
+            "steps",
+            "final_loss",
+            "heldout_gain",
+        ]
         rows = [{c: e.get(c) for c in cols} for e in self.index().values()]
         return pd.DataFrame(rows, columns=cols)
 
 
-def _train_job(root: str, receiver_spec, sender_spec, job: FuserJob, records: list[Record],
-               train_config: TrainConfig | None, cache_dir: str | None) -> str:
+def _train_job(
+    root: str,
+    receiver_spec,
+    sender_spec,
+    job: FuserJob,
+    records: list[Record],
+    train_config: TrainConfig | None,
+    cache_dir: str | None,
+) -> str:
     """One :meth:`FuserHub.train_missing` job in a worker process (one torch thread)."""
     from .models import load_model
 
     torch.set_num_threads(1)
     receiver, sender = load_model(receiver_spec, cache_dir), load_model(sender_spec, cache_dir)
-    FuserHub(root).get_or_train(receiver, sender, records, variant=job.variant, train_config=train_config,
-                                kind=job.kind, **job.options)
+    FuserHub(root).get_or_train(
+        receiver, sender, records, variant=job.variant, train_config=train_config, kind=job.kind, **job.options
+    )
     return FuserHub.key(job.sender, job.receiver, job.variant)

@@ -78,7 +78,7 @@ class KVCache:
         return self.keys[0].shape[0]
 
     @classmethod
-    def from_cache(cls, cache: Cache) -> "KVCache":
+    def from_cache(cls, cache: Cache) -> KVCache:
         """Read the per-layer tensors out of a transformers ``Cache`` (no copy)."""
         layers = getattr(cache, "layers", None)
         if not layers:
@@ -117,17 +117,15 @@ class KVCache:
                 layer.cumulative_length = self.seq_len
         return cache
 
-    def map(self, fn) -> "KVCache":
+    def map(self, fn) -> KVCache:
         """Apply ``fn(tensor) -> tensor`` to every key and value tensor."""
-        return KVCache(
-            [fn(k) for k in self.keys], [fn(v) for v in self.values], self.seq_len, list(self.sliding)
-        )
+        return KVCache([fn(k) for k in self.keys], [fn(v) for v in self.values], self.seq_len, list(self.sliding))
 
-    def to(self, dtype: torch.dtype | str | None = None, device: torch.device | str | None = None) -> "KVCache":
+    def to(self, dtype: torch.dtype | str | None = None, device: torch.device | str | None = None) -> KVCache:
         dt = resolve_dtype(dtype) if dtype is not None else None
         return self.map(lambda t: t.to(dtype=dt or t.dtype, device=device or t.device))
 
-    def select(self, index: torch.Tensor | list[int]) -> "KVCache":
+    def select(self, index: torch.Tensor | list[int]) -> KVCache:
         """Rows ``index`` of the batch (e.g. to repeat a prompt cache per answer option)."""
         idx = torch.as_tensor(index, dtype=torch.long, device=self.keys[0].device)
         return self.map(lambda t: t.index_select(0, idx))
@@ -210,7 +208,7 @@ class EncodedKV:
         return struct.pack("<I", len(self.header)) + self.header + self.payload
 
     @classmethod
-    def from_bytes(cls, blob: bytes) -> "EncodedKV":
+    def from_bytes(cls, blob: bytes) -> EncodedKV:
         (n,) = struct.unpack("<I", blob[:4])
         return cls(blob[4 : 4 + n], blob[4 + n :])
 
@@ -262,38 +260,29 @@ def position_ids_from_mask(attention_mask: torch.Tensor, past_length: int = 0) -
     return pos.clamp(min=0)[:, past_length:]
 
 
-@torch.no_grad()
-def prefill(
-    model: torch.nn.Module,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, KVCache]:
-    """Run the prompt through ``model``.
-
-    Args:
-        input_ids: ``[batch, seq]`` (left padded).
-        attention_mask: ``[batch, seq]``.
-    Returns:
-        logits ``[batch, seq, vocab]`` and the prompt's :class:`KVCache`.
-    """
-    logits, cache = forward(model, input_ids, attention_mask)
-    return logits, KVCache.from_cache(cache)
-
-
 def forward(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
     cache: Cache | KVCache | None = None,
+    prefix_mask: torch.Tensor | None = None,
+    cache_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, Cache]:
-    """One forward pass that continues ``cache`` (if any) with left-padding-aware positions.
+    """One forward pass continuing ``cache`` (if any) with left-padding-aware positions: the
+    one way this library runs a model on top of a cache.
 
     Args:
-        input_ids: ``[batch, new]``.
-        attention_mask: ``[batch, past + new]`` covering the cached and the new tokens.
-        cache: a transformers cache or a :class:`KVCache` (rebuilt for this model).
+        input_ids: ``[B, new]``.
+        attention_mask: ``[B, P + past + new]`` covering the cached and the new tokens.
+        cache: a transformers cache or a :class:`KVCache` (rebuilt for this model); None
+            starts an empty cache with the model's own layer types (sliding layers capped).
+        prefix_mask: ``[B, P]`` mask of the cache's first ``P`` columns when they are a
+            position-less prefix (block fusion: the senders' projected caches); the new
+            tokens' positions do not count it. None: no prefix.
+        cache_bias: ``[B, C]`` added to every new token's attention logits on the first ``C``
+            cache columns (see :func:`biased_attention_mask`), or None.
     Returns:
-        logits ``[batch, new, vocab]`` and the updated transformers cache.
+        logits ``[B, new, vocab]`` and the updated transformers cache.
     """
     if isinstance(cache, KVCache):
         cache = cache.to_cache(model.config)
@@ -303,11 +292,55 @@ def forward(
     attention_mask = attention_mask.to(input_ids.device)
     if cache is None:
         cache = DynamicCache(config=model.config)
-    out = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids_from_mask(attention_mask, past),
-        cache=cache,
-        use_cache=True,
-    )
+    positions = position_ids_from_mask(attention_mask, past)
+    if prefix_mask is not None:
+        positions = (positions - prefix_mask.to(attention_mask).sum(1, keepdim=True)).clamp(min=0)
+    mask = attention_mask
+    if cache_bias is not None:
+        mask = _biased_masks(model, cache, attention_mask, input_ids.shape[1], cache_bias)
+    out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
     return out.logits, out.cache
+
+
+def _biased_masks(model: torch.nn.Module, cache: Cache, attention_mask: torch.Tensor, new: int, bias: torch.Tensor):
+    """The 4D mask(s) for :func:`forward` with a ``cache_bias``: one for full attention, and for
+    a model with sliding-window layers (``config.layer_types``) the mapping transformers takes,
+    whose sliding mask keeps the window and covers only the columns those layers still hold."""
+    full = biased_attention_mask(attention_mask, new, bias, model.dtype)  # [B, 1, new, L]
+    windows = sliding_windows(model.config)
+    sliding = [i for i, w in enumerate(windows) if w is not None]
+    if not sliding:
+        return full
+    window = windows[sliding[0]] + 1  # the config's sliding_window
+    kv_length, kv_offset = cache.layers[sliding[0]].get_mask_sizes(new)
+    L, dev = attention_mask.shape[1], attention_mask.device
+    query = L - new + torch.arange(new, device=dev)
+    near = torch.arange(L, device=dev)[None, :] > query[:, None] - window  # [new, L]
+    windowed = full.masked_fill(~near, torch.finfo(full.dtype).min)[..., kv_offset : kv_offset + kv_length]
+    return {"full_attention": full, "sliding_attention": windowed}
+
+
+def biased_attention_mask(
+    attention_mask: torch.Tensor, new: int, bias: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
+    """The additive 4D mask of ``new`` query tokens continuing a cache, with a bias on the
+    first cache columns (transformers uses a 4D mask as given).
+
+    Args:
+        attention_mask: ``[B, L]`` over the cache and the new tokens (1 = real).
+        bias: ``[B, C]``, ``C <= L - new``, added to the logits on the first ``C`` columns.
+    Returns:
+        ``[B, 1, new, L]`` in ``dtype``: the bias where a query may attend (a real column at
+        or before its own), the dtype's minimum elsewhere.
+    """
+    B, L = attention_mask.shape
+    past = L - new
+    if bias.shape[0] != B or bias.shape[1] > past:
+        raise ValueError(f"cache_bias {tuple(bias.shape)} must cover at most the {past} cache columns of {B} rows.")
+    dev = attention_mask.device
+    causal = torch.arange(L, device=dev)[None, :] <= past + torch.arange(new, device=dev)[:, None]  # [new, L]
+    allowed = causal[None] & attention_mask.bool()[:, None, :]  # [B, new, L]
+    full = torch.zeros(B, L, device=dev, dtype=torch.float32)
+    full[:, : bias.shape[1]] = bias.to(device=dev, dtype=torch.float32)
+    floor = torch.finfo(dtype).min
+    return torch.where(allowed, full[:, None, :], torch.full_like(full[:, None, :], floor))[:, None].to(dtype)

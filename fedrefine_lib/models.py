@@ -216,6 +216,8 @@ def load_profile(profile: str | Path, **fmt: str) -> Profile:
             try:
                 data[key] = value.format(**fmt)
             except KeyError as err:
-                raise ValueError(f"{path}: data source {key!r} needs placeholder {err}; "
-                                 f"pass it to load_profile(..., {err.args[0]}=...).") from None
+                raise ValueError(
+                    f"{path}: data source {key!r} needs placeholder {err}; "
+                    f"pass it to load_profile(..., {err.args[0]}=...)."
+                ) from None
     return Profile(raw["profile"], raw["receiver"], list(raw["senders"]), models, settings)

@@ -30,7 +30,8 @@ import pandas as pd
 from transformers import PretrainedConfig
 
 from fedrefine_lib import kv as kvlib
-from fedrefine_lib.federation import TOKEN_ID_BYTES, Trace
+from fedrefine_lib.t2t import TOKEN_ID_BYTES
+from fedrefine_lib.trace import Trace
 
 # --------------------------------------------------------------------------- links
 
@@ -110,9 +111,7 @@ def transmission_seconds(
     return max(per_link) if parallel else sum(per_link)
 
 
-def with_transmission(
-    trace: Trace, links: Links = EDGE_UPLINK, *, queries: int = 1, parallel: bool = True
-) -> Trace:
+def with_transmission(trace: Trace, links: Links = EDGE_UPLINK, *, queries: int = 1, parallel: bool = True) -> Trace:
     """A copy of ``trace`` whose ``transmission`` stage is the time its per-link bytes take.
 
     Args:
@@ -141,7 +140,7 @@ def kv_wire_bytes(config: PretrainedConfig, n_tokens: float, dtype: str = "bfloa
 
 
 def token_wire_bytes(n_tokens: float) -> float:
-    """Bytes of ``n_tokens`` token ids (``federation.TOKEN_ID_BYTES`` each)."""
+    """Bytes of ``n_tokens`` token ids (``t2t.TOKEN_ID_BYTES`` each)."""
     return float(n_tokens * TOKEN_ID_BYTES)
 
 
@@ -162,6 +161,7 @@ def wire_bytes_table(
         ``bytes_per_token`` (the full-attention formula ``2·L·H_kv·D·bytes``, or 4),
         ``tokens_per_query`` and ``bytes_per_query``; plus an ``all senders`` row per payload.
     """
+
     def per(value: float | Mapping[str, float], name: str) -> float:
         if isinstance(value, Mapping):
             if name not in value:
@@ -173,13 +173,31 @@ def wire_bytes_table(
     for name, config in configs.items():
         n_kv, n_text = per(kv_tokens, name), per(text_tokens, name)
         for dt in dtypes:
-            rows.append({"sender": name, "payload": f"kv {dt}", "bytes_per_token": kvlib.kv_bytes_per_token(config, dt),
-                         "tokens_per_query": n_kv, "bytes_per_query": kv_wire_bytes(config, n_kv, dt)})
-        rows.append({"sender": name, "payload": "token ids", "bytes_per_token": TOKEN_ID_BYTES,
-                     "tokens_per_query": n_text, "bytes_per_query": token_wire_bytes(n_text)})
+            rows.append(
+                {
+                    "sender": name,
+                    "payload": f"kv {dt}",
+                    "bytes_per_token": kvlib.kv_bytes_per_token(config, dt),
+                    "tokens_per_query": n_kv,
+                    "bytes_per_query": kv_wire_bytes(config, n_kv, dt),
+                }
+            )
+        rows.append(
+            {
+                "sender": name,
+                "payload": "token ids",
+                "bytes_per_token": TOKEN_ID_BYTES,
+                "tokens_per_query": n_text,
+                "bytes_per_query": token_wire_bytes(n_text),
+            }
+        )
     frame = pd.DataFrame(rows, columns=["sender", "payload", "bytes_per_token", "tokens_per_query", "bytes_per_query"])
-    total = (frame.groupby("payload", sort=False)[["bytes_per_token", "tokens_per_query", "bytes_per_query"]]
-             .sum().reset_index().assign(sender="all senders"))
+    total = (
+        frame.groupby("payload", sort=False)[["bytes_per_token", "tokens_per_query", "bytes_per_query"]]
+        .sum()
+        .reset_index()
+        .assign(sender="all senders")
+    )
     total["tokens_per_query"] = float("nan")  # a sum of token counts across senders means nothing here
     return pd.concat([frame, total[frame.columns]], ignore_index=True)
 
@@ -198,9 +216,12 @@ def config_from_shape(shape: Mapping[str, int]) -> PretrainedConfig:
     missing = [k for k in ("layers", "kv_heads", "head_dim") if k not in shape]
     if missing:
         raise ValueError(f"Shape {dict(shape)} lacks {missing}; write them under `shape:` in configs/<profile>.yaml.")
-    return PretrainedConfig(num_hidden_layers=shape["layers"], num_key_value_heads=shape["kv_heads"],
-                            num_attention_heads=shape.get("attention_heads", shape["kv_heads"]),
-                            head_dim=shape["head_dim"])
+    return PretrainedConfig(
+        num_hidden_layers=shape["layers"],
+        num_key_value_heads=shape["kv_heads"],
+        num_attention_heads=shape.get("attention_heads", shape["kv_heads"]),
+        head_dim=shape["head_dim"],
+    )
 
 
 def paper_bytes_per_token(profile: str = "paper", dtype: str = "bfloat16") -> pd.DataFrame:
@@ -233,12 +254,22 @@ def paper_bytes_per_token(profile: str = "paper", dtype: str = "bfloat16") -> pd
     for name in prof.senders:
         shape = prof.spec(name).shape
         cfg = config_from_shape(shape)
-        rows.append({"sender": name, "layers": shape["layers"], "kv_heads": shape["kv_heads"],
-                     "head_dim": shape["head_dim"], "kv_own_bytes": kvlib.kv_bytes_per_token(cfg, dtype),
-                     "kv_projected_bytes": projected, "token_id_bytes": TOKEN_ID_BYTES})
+        rows.append(
+            {
+                "sender": name,
+                "layers": shape["layers"],
+                "kv_heads": shape["kv_heads"],
+                "head_dim": shape["head_dim"],
+                "kv_own_bytes": kvlib.kv_bytes_per_token(cfg, dtype),
+                "kv_projected_bytes": projected,
+                "token_id_bytes": TOKEN_ID_BYTES,
+            }
+        )
     frame = pd.DataFrame(rows)
-    total = {"sender": "all senders", **{c: frame[c].sum() for c in ("kv_own_bytes", "kv_projected_bytes",
-                                                                     "token_id_bytes")}}
+    total = {
+        "sender": "all senders",
+        **{c: frame[c].sum() for c in ("kv_own_bytes", "kv_projected_bytes", "token_id_bytes")},
+    }
     frame = pd.concat([frame, pd.DataFrame([total])], ignore_index=True)
     frame[["layers", "kv_heads", "head_dim"]] = frame[["layers", "kv_heads", "head_dim"]].astype("Int64")
     frame.attrs.update(profile=profile, dtype=dtype, receiver=prof.receiver)
@@ -254,8 +285,12 @@ def paper_comparison(table: pd.DataFrame) -> pd.DataFrame:
         ("KV, projected into the receiver", total["kv_projected_bytes"], PAPER_KV_ALL_SENDERS),
         ("token ids", total["token_id_bytes"], f"{PAPER_TOKENS_ALL_SENDERS_BYTES} B"),
     ]
-    out = pd.DataFrame([{"quantity": q, "ours_bytes": int(b), "ours_KiB": b / 1024, "ours_kB": b / 1000,
-                         "paper": p} for q, b, p in rows])
+    out = pd.DataFrame(
+        [
+            {"quantity": q, "ours_bytes": int(b), "ours_KiB": b / 1024, "ours_kB": b / 1000, "paper": p}
+            for q, b, p in rows
+        ]
+    )
     is_kv = out["paper"] == PAPER_KV_ALL_SENDERS
     out["ratio_to_88kB"] = (out["ours_bytes"] / 88_000).where(is_kv)
     out["ratio_to_88KiB"] = (out["ours_bytes"] / (88 * 1024)).where(is_kv)
@@ -281,7 +316,7 @@ class ModeCost:
     link_bytes: Mapping[str, float] = field(default_factory=dict)
 
     @classmethod
-    def from_trace(cls, trace: Trace, queries: int = 1) -> "ModeCost":
+    def from_trace(cls, trace: Trace, queries: int = 1) -> ModeCost:
         """Per-query cost measured by an engine's trace (any ``transmission`` stage excluded)."""
         if queries < 1:
             raise ValueError(f"queries must be >= 1, got {queries}.")
@@ -319,7 +354,8 @@ def choose_communication(
     if latency[prefer] <= budget_s:
         return QosDecision(prefer, latency, True, f"{prefer} meets the {budget_s:g} s budget (preferred)")
     if latency[other] <= budget_s:
-        return QosDecision(other, latency, True,
-                           f"{prefer} needs {latency[prefer]:.3g} s > {budget_s:g} s budget; {other} meets it")
+        return QosDecision(
+            other, latency, True, f"{prefer} needs {latency[prefer]:.3g} s > {budget_s:g} s budget; {other} meets it"
+        )
     fastest = min(latency, key=latency.get)
     return QosDecision(fastest, latency, False, f"no mode meets the {budget_s:g} s budget; {fastest} is fastest")

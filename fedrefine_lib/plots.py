@@ -3,8 +3,8 @@ given a path, and returns the matplotlib ``Figure``."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import matplotlib.pyplot as plt
 import pandas as pd
@@ -56,8 +56,15 @@ def accuracy_bars(
     return _finish(fig, path)
 
 
-def heatmap(table: pd.DataFrame, title: str = "", path: str | Path | None = None, fmt: str = ".0%",
-            cmap: str = "viridis", vmin: float | None = 0.0, vmax: float | None = 1.0):
+def heatmap(
+    table: pd.DataFrame,
+    title: str = "",
+    path: str | Path | None = None,
+    fmt: str = ".0%",
+    cmap: str = "viridis",
+    vmin: float | None = 0.0,
+    vmax: float | None = 1.0,
+):
     """An annotated heatmap of a 2-D table (rows x columns)."""
     fig, ax = plt.subplots(figsize=(1.2 * table.shape[1] + 3, 0.55 * table.shape[0] + 1.6))
     sns.heatmap(table.astype(float), annot=True, fmt=fmt, cmap=cmap, vmin=vmin, vmax=vmax, ax=ax, cbar=False)
@@ -65,8 +72,14 @@ def heatmap(table: pd.DataFrame, title: str = "", path: str | Path | None = None
     return _finish(fig, path)
 
 
-def curves(series: Mapping[str, Sequence[float]], title: str = "", xlabel: str = "step", ylabel: str = "loss",
-           path: str | Path | None = None, smooth: int = 1):
+def curves(
+    series: Mapping[str, Sequence[float]],
+    title: str = "",
+    xlabel: str = "step",
+    ylabel: str = "loss",
+    path: str | Path | None = None,
+    smooth: int = 1,
+):
     """Training curves, one line per named series (running mean over ``smooth`` points)."""
     fig, ax = plt.subplots(figsize=(5.5, 3.4))
     for name, values in series.items():
@@ -77,8 +90,13 @@ def curves(series: Mapping[str, Sequence[float]], title: str = "", xlabel: str =
     return _finish(fig, path)
 
 
-def per_layer(values: Mapping[str, Sequence[float]], title: str = "", ylabel: str = "gate",
-              path: str | Path | None = None, xlabel: str = "receiver layer"):
+def per_layer(
+    values: Mapping[str, Sequence[float]],
+    title: str = "",
+    ylabel: str = "gate",
+    path: str | Path | None = None,
+    xlabel: str = "receiver layer",
+):
     """One line per series over layers (e.g. K and V gates per receiver layer)."""
     fig, ax = plt.subplots(figsize=(5.5, 3.4))
     for name, ys in values.items():
@@ -88,8 +106,16 @@ def per_layer(values: Mapping[str, Sequence[float]], title: str = "", ylabel: st
     return _finish(fig, path)
 
 
-def grouped_bars(frame: pd.DataFrame, x: str, y: str, hue: str, title: str = "",
-                 path: str | Path | None = None, ylabel: str | None = None, log: bool = False):
+def grouped_bars(
+    frame: pd.DataFrame,
+    x: str,
+    y: str,
+    hue: str,
+    title: str = "",
+    path: str | Path | None = None,
+    ylabel: str | None = None,
+    log: bool = False,
+):
     """Grouped bars from a long-form table."""
     fig, ax = plt.subplots(figsize=(max(5.0, 0.9 * frame[x].nunique() * frame[hue].nunique() + 2), 3.6))
     sns.barplot(frame, x=x, y=y, hue=hue, ax=ax)
@@ -100,14 +126,19 @@ def grouped_bars(frame: pd.DataFrame, x: str, y: str, hue: str, title: str = "",
     return _finish(fig, path)
 
 
-def accuracy_vs_senders(frames: Mapping[str, pd.DataFrame], title: str = "", path: str | Path | None = None,
-                        points: Mapping[str, tuple[int, float]] | None = None, baseline: float | None = None):
+def accuracy_vs_senders(
+    frames: Mapping[str, pd.DataFrame],
+    title: str = "",
+    path: str | Path | None = None,
+    points: Mapping[str, tuple[int, float]] | None = None,
+    baseline: float | None = None,
+):
     """Accuracy against the number of senders k: per series the mean over subsets with a
     min-max band (``frames``: label -> ``sweep.by_size`` table); ``points`` adds single
     markers (e.g. a gated policy at k = 4); ``baseline`` a dashed line (e.g. the oracle)."""
     fig, ax = plt.subplots(figsize=(6.0, 4.0))
     for label, f in frames.items():
-        line, = ax.plot(f["k"], f["mean"], marker="o", label=label)
+        (line,) = ax.plot(f["k"], f["mean"], marker="o", label=label)
         ax.fill_between(f["k"], f["min"], f["max"], color=line.get_color(), alpha=0.15)
     for label, (k, acc) in (points or {}).items():
         ax.scatter([k], [acc], marker="*", s=140, zorder=5, label=label)
@@ -129,8 +160,15 @@ def stacked_bars(frame: pd.DataFrame, title: str = "", ylabel: str = "", path: s
     return _finish(fig, path)
 
 
-def scatter(frame: pd.DataFrame, x: str, y: str, label: str, title: str = "", path: str | Path | None = None,
-            diagonal: bool = True):
+def scatter(
+    frame: pd.DataFrame,
+    x: str,
+    y: str,
+    label: str,
+    title: str = "",
+    path: str | Path | None = None,
+    diagonal: bool = True,
+):
     """Labelled scatter (e.g. accuracy with one sender vs that sender's own accuracy)."""
     fig, ax = plt.subplots(figsize=(5.0, 4.2))
     sns.scatterplot(frame, x=x, y=y, ax=ax, s=70)

@@ -12,14 +12,14 @@ receiver's own cache on the same questions is the control (it does not know the 
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 
-from fedrefine_lib.align import Messages, encode_prompts
 from fedrefine_lib.data import answer_text, mcq_messages
-from fedrefine_lib.federation import full_prefill
+from fedrefine_lib.engine import prefill
+from fedrefine_lib.prompts import Messages, encode_prompts
 
 Pair = tuple[Messages, str]
 """A prompt and the answer text it should lead to."""
@@ -60,15 +60,18 @@ def cache_features(model, messages_batch: Sequence[Messages], position: int = -1
     out = []
     for i in range(0, len(messages_batch), batch_size):
         ids, mask = encode_prompts(model.tokenizer, list(messages_batch[i : i + batch_size]))
-        cache = full_prefill(model.model, ids.to(device), mask.to(device))
-        per_layer = [torch.cat([k[:, :, position].flatten(1), v[:, :, position].flatten(1)], dim=-1)  # [B, 2HD]
-                     for k, v in zip(cache.keys, cache.values)]
+        cache = prefill(model.model, ids.to(device), mask.to(device))
+        per_layer = [
+            torch.cat([k[:, :, position].flatten(1), v[:, :, position].flatten(1)], dim=-1)  # [B, 2HD]
+            for k, v in zip(cache.keys, cache.values)
+        ]
         out.append(torch.stack(per_layer, dim=1).float().cpu())
     return torch.cat(out)
 
 
-def fit_linear(x: torch.Tensor, y: torch.Tensor, classes: int, steps: int = 300, lr: float = 1e-2,
-               l2: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def fit_linear(
+    x: torch.Tensor, y: torch.Tensor, classes: int, steps: int = 300, lr: float = 1e-2, l2: float = 1e-3
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Multinomial logistic regression on standardised features (full batch, Adam, zero
     start: deterministic without touching the global RNG).
 
@@ -89,8 +92,9 @@ def fit_linear(x: torch.Tensor, y: torch.Tensor, classes: int, steps: int = 300,
     return w.detach(), mean, std
 
 
-def answer_probe(model, train: Sequence[Pair], test: Sequence[Pair], position: int = -1,
-                 steps: int = 300) -> dict[int, float]:
+def answer_probe(
+    model, train: Sequence[Pair], test: Sequence[Pair], position: int = -1, steps: int = 300
+) -> dict[int, float]:
     """Held-out accuracy of a per-layer linear probe reading the answer from the cache.
 
     Args:
@@ -105,8 +109,10 @@ def answer_probe(model, train: Sequence[Pair], test: Sequence[Pair], position: i
     if not train or not test:
         raise ValueError("answer_probe needs training and test pairs.")
     if not closed_answers(train):
-        raise ValueError(f"The training answers have more than {MAX_CLASSES} distinct texts (free text?): the probe "
-                         "needs short answers from a closed set, e.g. MCQ records (`chat_train_kinds: [mcq]`).")
+        raise ValueError(
+            f"The training answers have more than {MAX_CLASSES} distinct texts (free text?): the probe "
+            "needs short answers from a closed set, e.g. MCQ records (`chat_train_kinds: [mcq]`)."
+        )
     classes = sorted({answer for _, answer in train})
     index = {a: i for i, a in enumerate(classes)}
     x_train = cache_features(model, [m for m, _ in train], position)

@@ -16,37 +16,25 @@ Modes (:func:`rephrase`):
 T2T; :func:`sender_views` gives engines (``C2C``/``FedRefine``) per-sender views in which
 each sender reads its rephrasing while the receiver keeps the original question.
 
-Measures of the transmitted text against the original (:func:`leakage`):
-
-- ``token_jaccard``: Jaccard overlap of the two sets of lower-cased word tokens (``\\w+``);
-- ``lcs_chars`` / ``lcs_fraction``: the longest common substring (case-insensitive by
-  default), in characters and as a fraction of the original's length;
-- ``private_survival``: of the caller's private terms (e.g. the world's invented entity
-  names) that occur in the original, the share that also occur in the transmitted text
-  (whole-word, case-insensitive); ``nan`` when the original holds none.
-
-Fidelity (does the rephrased question still ask the same thing) is measured by the
-caller as answer accuracy on :func:`rephrased_items` with ``evaluate.score_mcq``; for
-worlds that can parse their questions, :func:`same_parse` builds a cheap structural
-check and :func:`structural_fidelity` applies it.
+What a rewrite still gives away, and whether it keeps the question, is measured by
+``leakage``.
 """
 
 from __future__ import annotations
 
 import hashlib
-import math
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
-import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
 from fedrefine_lib import data
-from fedrefine_lib.align import encode_prompts
-from fedrefine_lib.federation import Standalone, Trace, generate, stop_token_ids
+from fedrefine_lib.decode import generate, stop_token_ids
+from fedrefine_lib.engine import Standalone
+from fedrefine_lib.prompts import encode_prompts
+from fedrefine_lib.trace import Trace
 
 MODES = ("shared", "per_sender")
 
@@ -117,13 +105,15 @@ def _derive_seed(*parts: int) -> int:
 
 
 def _greedy(receiver, stems: list[str], max_new_tokens: int) -> tuple[list[str], dict[str, int]]:
-    """Greedy rephrasings with the project's decoder (``federation.generate``)."""
+    """Greedy rephrasings with the project's decoder (``decode.generate``)."""
     texts, trace = generate(Standalone(receiver), [data.rephrase_messages(s) for s in stems], max_new_tokens)
     return texts, {"prompt": trace.tokens.get("prompt", 0), "generated": trace.tokens.get("generated", 0)}
 
 
 @torch.no_grad()
-def _sampled(receiver, stems: list[str], max_new_tokens: int, temperature: float, seed: int) -> tuple[list[str], dict[str, int]]:
+def _sampled(
+    receiver, stems: list[str], max_new_tokens: int, temperature: float, seed: int
+) -> tuple[list[str], dict[str, int]]:
     """Temperature-sampled rephrasings (pure temperature sampling, no top-k/top-p), with
     the global RNG forked so callers' random state is untouched."""
     tok, model = receiver.tokenizer, receiver.model
@@ -134,11 +124,18 @@ def _sampled(receiver, stems: list[str], max_new_tokens: int, temperature: float
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
         torch.manual_seed(seed)
         out = model.generate(
-            input_ids=ids.to(dev), attention_mask=mask.to(dev), do_sample=True, temperature=temperature,
-            top_k=0, top_p=1.0, max_new_tokens=max_new_tokens, eos_token_id=stops, pad_token_id=pad,
+            input_ids=ids.to(dev),
+            attention_mask=mask.to(dev),
+            do_sample=True,
+            temperature=temperature,
+            top_k=0,
+            top_p=1.0,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=stops,
+            pad_token_id=pad,
         )
     texts, generated = [], 0
-    for row in out[:, ids.shape[1]:].tolist():
+    for row in out[:, ids.shape[1] :].tolist():
         cut = next((i for i, t in enumerate(row) if t in stops), len(row))
         generated += cut
         texts.append(tok.decode(row[:cut], skip_special_tokens=True))
@@ -240,8 +237,10 @@ def rephrased_items(items: Sequence[dict], rephrasings: Rephrasings, sender: int
         raise ValueError(f"{len(items)} items but {len(rephrasings.texts)} rephrasings: rephrase the same items.")
     for item, original in zip(items, rephrasings.originals):
         if item["question_stem"] != original:
-            raise ValueError(f"Item {item.get('id')!r} asks {item['question_stem']!r}, but its rephrasing "
-                             f"was made for {original!r}: keep items and rephrasings in the same order.")
+            raise ValueError(
+                f"Item {item.get('id')!r} asks {item['question_stem']!r}, but its rephrasing "
+                f"was made for {original!r}: keep items and rephrasings in the same order."
+            )
     return [rephrased_item(it, s) for it, s in zip(items, rephrasings.for_sender(sender))]
 
 
@@ -252,6 +251,7 @@ def sender_views(rephrasings: Rephrasings, names: Sequence[str]) -> dict[str, Ca
 
     Raises (when the view is applied) if a chat contains none of the rephrased originals.
     """
+
     def view_for(sender: int) -> Callable[[list], list]:
         table = dict(zip(rephrasings.originals, rephrasings.for_sender(sender)))
         ordered = sorted(table, key=len, reverse=True)  # longest first: a stem inside another stem
@@ -261,8 +261,10 @@ def sender_views(rephrasings: Rephrasings, names: Sequence[str]) -> dict[str, Ca
             for chat in messages_batch:
                 hit = next((o for o in ordered if any(o in m["content"] for m in chat)), None)
                 if hit is None:
-                    raise ValueError(f"No rephrased question occurs in the chat {chat!r}: rephrase the items this "
-                                     "engine is asked about (same question_stem text).")
+                    raise ValueError(
+                        f"No rephrased question occurs in the chat {chat!r}: rephrase the items this "
+                        "engine is asked about (same question_stem text)."
+                    )
                 out.append([{**m, "content": m["content"].replace(hit, table[hit])} for m in chat])
             return out
 
@@ -272,179 +274,3 @@ def sender_views(rephrasings: Rephrasings, names: Sequence[str]) -> dict[str, Ca
     if len(names) != rephrasings.n_senders:
         raise ValueError(f"{len(names)} sender names for rephrasings made for {rephrasings.n_senders} sender(s).")
     return {name: view_for(k) for k, name in enumerate(names)}
-
-
-# ------------------------------------------------------------------------ leakage
-
-_WORD = re.compile(r"\w+")
-
-
-def word_tokens(text: str) -> set[str]:
-    """The set of lower-cased word tokens (``\\w+``) of ``text``."""
-    return set(_WORD.findall(text.lower()))
-
-
-def token_jaccard(original: str, transmitted: str) -> float:
-    """|A ∩ B| / |A ∪ B| of the two texts' word-token sets (0.0 when both are empty)."""
-    a, b = word_tokens(original), word_tokens(transmitted)
-    union = a | b
-    return len(a & b) / len(union) if union else 0.0
-
-
-def longest_common_substring(a: str, b: str, *, lower: bool = True) -> str:
-    """The longest contiguous run of characters shared by ``a`` and ``b`` (the first one
-    found in ``a`` on ties), taken from ``a``; compared case-insensitively by default."""
-    x, y = (a.lower(), b.lower()) if lower else (a, b)
-    best_len, best_end = 0, 0
-    prev = [0] * (len(y) + 1)
-    for i in range(1, len(x) + 1):
-        cur = [0] * (len(y) + 1)
-        xi = x[i - 1]
-        for j in range(1, len(y) + 1):
-            if xi == y[j - 1]:
-                cur[j] = prev[j - 1] + 1
-                if cur[j] > best_len:
-                    best_len, best_end = cur[j], i
-        prev = cur
-    return a[best_end - best_len : best_end]
-
-
-def _term_pattern(term: str) -> re.Pattern:
-    return re.compile(r"(?<!\w)" + re.escape(term) + r"(?!\w)", re.IGNORECASE)
-
-
-def private_terms_in(text: str, terms: Sequence[str]) -> list[str]:
-    """The distinct ``terms`` occurring in ``text`` as whole words (case-insensitive), in
-    the order given."""
-    low = text.lower()
-    return [t for t in dict.fromkeys(terms) if t and t.lower() in low and _term_pattern(t).search(text)]
-
-
-@dataclass(frozen=True)
-class Leakage:
-    """What a transmitted text reveals about the original (see the module docstring)."""
-
-    token_jaccard: float
-    lcs_chars: int
-    lcs_fraction: float
-    private_present: int
-    private_survived: int
-
-    @property
-    def private_survival(self) -> float:
-        """Share of the original's private terms still in the transmitted text (nan if none)."""
-        return self.private_survived / self.private_present if self.private_present else float("nan")
-
-
-def leakage(original: str, transmitted: str, private_terms: Sequence[str] = ()) -> Leakage:
-    """Leakage measures of ``transmitted`` against ``original``.
-
-    Args:
-        private_terms: strings the user wants kept private (e.g. entity names); only those
-            present in ``original`` count.
-    """
-    lcs = len(longest_common_substring(original, transmitted))
-    present = private_terms_in(original, private_terms)
-    survived = private_terms_in(transmitted, present)
-    return Leakage(
-        token_jaccard=token_jaccard(original, transmitted),
-        lcs_chars=lcs,
-        lcs_fraction=lcs / len(original) if original else 0.0,
-        private_present=len(present),
-        private_survived=len(survived),
-    )
-
-
-def leakage_frame(
-    originals: Sequence[str],
-    transmitted: Sequence[str],
-    private_terms: Sequence[str] = (),
-    per_item_terms: Sequence[Sequence[str]] | None = None,
-) -> pd.DataFrame:
-    """One row of :class:`Leakage` measures per (original, transmitted) pair.
-
-    Args:
-        private_terms: terms private for every item (e.g. all invented entity names).
-        per_item_terms: optional extra terms per item (e.g. each item's ``entity``).
-    Returns:
-        columns ``original``, ``transmitted``, ``token_jaccard``, ``lcs_chars``,
-        ``lcs_fraction``, ``private_present``, ``private_survived``, ``private_survival``.
-    """
-    if len(originals) != len(transmitted):
-        raise ValueError(f"{len(originals)} originals but {len(transmitted)} transmitted texts.")
-    if per_item_terms is not None and len(per_item_terms) != len(originals):
-        raise ValueError(f"per_item_terms has {len(per_item_terms)} entries for {len(originals)} items.")
-    rows = []
-    for i, (o, t) in enumerate(zip(originals, transmitted)):
-        terms = list(private_terms) + (list(per_item_terms[i]) if per_item_terms is not None else [])
-        m = leakage(o, t, terms)
-        rows.append({"original": o, "transmitted": t, "token_jaccard": m.token_jaccard, "lcs_chars": m.lcs_chars,
-                     "lcs_fraction": m.lcs_fraction, "private_present": m.private_present,
-                     "private_survived": m.private_survived, "private_survival": m.private_survival})
-    return pd.DataFrame(rows, columns=["original", "transmitted", "token_jaccard", "lcs_chars", "lcs_fraction",
-                                       "private_present", "private_survived", "private_survival"])
-
-
-def summarize_leakage(frame: pd.DataFrame) -> dict[str, float]:
-    """Means over items of a :func:`leakage_frame`; ``private_survival`` pooled over all
-    private-term occurrences (survived / present; nan when no original held any) and
-    ``verbatim`` the share of items sent unchanged (case-insensitive)."""
-    present = int(frame["private_present"].sum())
-    verbatim = (frame["original"].str.lower().str.strip() == frame["transmitted"].str.lower().str.strip())
-    return {
-        "n": int(len(frame)),
-        "token_jaccard": float(frame["token_jaccard"].mean()),
-        "lcs_chars": float(frame["lcs_chars"].mean()),
-        "lcs_fraction": float(frame["lcs_fraction"].mean()),
-        "private_survival": float(frame["private_survived"].sum()) / present if present else math.nan,
-        "verbatim": float(verbatim.mean()) if len(frame) else math.nan,
-    }
-
-
-# ----------------------------------------------------------------------- fidelity
-
-SameQuestion = Callable[[str, str], "bool | None"]
-"""``check(original, rephrased)``: True if both ask the same thing, False if not, None
-when the original cannot be judged (e.g. it does not parse)."""
-
-
-def same_parse(parse: Callable[[str], Any], fields: Sequence[str]) -> SameQuestion:
-    """A structural check from a question parser: same ``fields`` of both parses.
-
-    Example (the mini world): ``same_parse(world.templates.parse_question, ("entity",
-    "relation"))`` — any template is fine as long as entity and relation are kept.
-    """
-    if not fields:
-        raise ValueError("Give the parsed fields that must match (e.g. ('entity', 'relation')).")
-
-    def check(original: str, rephrased: str) -> bool | None:
-        p = parse(original)
-        if p is None:
-            return None
-        q = parse(rephrased)
-        return q is not None and all(getattr(p, f) == getattr(q, f) for f in fields)
-
-    return check
-
-
-@dataclass(frozen=True)
-class StructuralFidelity:
-    """Per item: True/False from the check, None where the original could not be judged."""
-
-    results: tuple[bool | None, ...]
-
-    @property
-    def checked(self) -> int:
-        return sum(r is not None for r in self.results)
-
-    @property
-    def fraction(self) -> float:
-        """Share of judged items whose rephrasing asks the same thing (nan if none judged)."""
-        return sum(r is True for r in self.results) / self.checked if self.checked else float("nan")
-
-
-def structural_fidelity(originals: Sequence[str], rephrased: Sequence[str], check: SameQuestion) -> StructuralFidelity:
-    """Apply ``check`` to every (original, rephrased) pair."""
-    if len(originals) != len(rephrased):
-        raise ValueError(f"{len(originals)} originals but {len(rephrased)} rephrasings.")
-    return StructuralFidelity(tuple(check(o, r) for o, r in zip(originals, rephrased)))

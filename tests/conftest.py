@@ -38,14 +38,17 @@ CORPUS = [
     "Photons travel at the speed of light in a vacuum.",
 ] * 20
 
+
 def make_tokenizer(vocab_size: int, specials: list[str], template: str, eos: str) -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer trained on :data:`CORPUS`, with a chat template."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=["<pad>", *specials],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+        vocab_size=vocab_size,
+        special_tokens=["<pad>", *specials],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     tok.train_from_iterator(CORPUS, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token=eos)
@@ -78,20 +81,58 @@ def tiny_models(qwen_tokenizer, llama_tokenizer) -> dict:
     """name -> (model, tokenizer) for every architecture class the profiles use."""
     common = dict(max_position_embeddings=256, tie_word_embeddings=False)
     return {
-        "qwen3": _build(Qwen3ForCausalLM, Qwen3Config(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-            num_key_value_heads=2, head_dim=16, **common), qwen_tokenizer),
-        "qwen2": _build(Qwen2ForCausalLM, Qwen2Config(
-            hidden_size=24, intermediate_size=48, num_hidden_layers=2, num_attention_heads=3,
-            num_key_value_heads=1, **common), qwen_tokenizer),
-        "llama": _build(LlamaForCausalLM, LlamaConfig(
-            hidden_size=40, intermediate_size=80, num_hidden_layers=4, num_attention_heads=5,
-            num_key_value_heads=5, **common), llama_tokenizer),
-        "gemma3": _build(Gemma3ForCausalLM, Gemma3TextConfig(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2,
-            num_key_value_heads=1, head_dim=16, sliding_window=4,
-            layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
-            **common), qwen_tokenizer),
+        "qwen3": _build(
+            Qwen3ForCausalLM,
+            Qwen3Config(
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=3,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                head_dim=16,
+                **common,
+            ),
+            qwen_tokenizer,
+        ),
+        "qwen2": _build(
+            Qwen2ForCausalLM,
+            Qwen2Config(
+                hidden_size=24,
+                intermediate_size=48,
+                num_hidden_layers=2,
+                num_attention_heads=3,
+                num_key_value_heads=1,
+                **common,
+            ),
+            qwen_tokenizer,
+        ),
+        "llama": _build(
+            LlamaForCausalLM,
+            LlamaConfig(
+                hidden_size=40,
+                intermediate_size=80,
+                num_hidden_layers=4,
+                num_attention_heads=5,
+                num_key_value_heads=5,
+                **common,
+            ),
+            llama_tokenizer,
+        ),
+        "gemma3": _build(
+            Gemma3ForCausalLM,
+            Gemma3TextConfig(
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=4,
+                num_attention_heads=2,
+                num_key_value_heads=1,
+                head_dim=16,
+                sliding_window=4,
+                layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
+                **common,
+            ),
+            qwen_tokenizer,
+        ),
     }
 
 

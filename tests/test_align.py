@@ -5,6 +5,7 @@ import torch
 
 from fedrefine_lib import align
 from fedrefine_lib.kv import KVCache
+from fedrefine_lib.prompts import render
 
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Kevani flows, café!"}]
 
@@ -31,9 +32,26 @@ def test_span_aligner_maps_last_character(qwen_tokenizer, llama_tokenizer):
     assert s_tokens[27:42] == ["Ke", "va", "n", "i", "Ġf", "low", "s", ",", "Ġ", "c", "a", "f", "Ã", "©", "!"]
     fused = [(r, s) for r, s in pairs if s is not None]
     assert fused == [
-        ("B", "B"), ("e", "e"), ("Ġb", "Ġb"), ("r", "r"), ("i", "i"), ("e", "e"), ("f", "f"), (".", "."),
-        ("Ke", "Ke"), ("vani", "i"), ("Ġflow", "low"), ("s", "s"), (",", ","), ("Ġ", "Ġ"),
-        ("c", "c"), ("a", "a"), ("f", "f"), ("Ã", "©"), ("©", "©"), ("!", "!"),
+        ("B", "B"),
+        ("e", "e"),
+        ("Ġb", "Ġb"),
+        ("r", "r"),
+        ("i", "i"),
+        ("e", "e"),
+        ("f", "f"),
+        (".", "."),
+        ("Ke", "Ke"),
+        ("vani", "i"),
+        ("Ġflow", "low"),
+        ("s", "s"),
+        (",", ","),
+        ("Ġ", "Ġ"),
+        ("c", "c"),
+        ("a", "a"),
+        ("f", "f"),
+        ("Ã", "©"),
+        ("©", "©"),
+        ("!", "!"),
     ]
     # Both bytes of "é" pair with the sender token that completes the character.
     idx = a.sender_index[0].tolist()
@@ -50,8 +68,18 @@ def test_reencode_aligner_one_sender_token_per_receiver_token(qwen_tokenizer, ll
     idx = a.sender_index[0].tolist()
     fused = [(r, s_tokens[i]) for r, i in zip(r_tokens, idx) if i >= 0]
     assert fused[8:] == [
-        ("Ke", "Ke"), ("vani", "va"), ("Ġflow", "Ġf"), ("s", "s"), (",", ","), ("Ġ", "Ġ"),
-        ("c", "c"), ("a", "a"), ("f", "f"), ("Ã", "Ã"), ("©", "Ã"), ("!", "!"),
+        ("Ke", "Ke"),
+        ("vani", "va"),
+        ("Ġflow", "Ġf"),
+        ("s", "s"),
+        (",", ","),
+        ("Ġ", "Ġ"),
+        ("c", "c"),
+        ("a", "a"),
+        ("f", "f"),
+        ("Ã", "Ã"),
+        ("©", "Ã"),
+        ("!", "!"),
     ]
     # The sender reads exactly one re-encoded token per receiver content token, in order.
     content = [i for i in idx if i >= 0]
@@ -102,16 +130,19 @@ def test_align_cache_gathers_and_masks():
         align.align_cache(short, index, [0, 1, 1])
 
 
-OTHER = [{"role": "system", "content": "Be."}, {"role": "user", "content": "Zorblat glows blue in the northern valley."}]
+OTHER = [
+    {"role": "system", "content": "Be."},
+    {"role": "user", "content": "Zorblat glows blue in the northern valley."},
+]
 
 
 def test_span_aligner_with_another_sender_text(qwen_tokenizer, llama_tokenizer):
     """The sender reads another text: receiver content tokens pair by their offset in the
     segment, clamped to the sender's segment; the sender reads its own natural tokens."""
     a = align.SpanAligner()([MESSAGES], qwen_tokenizer, llama_tokenizer, sender_messages_batch=[OTHER])
-    own = align.render(llama_tokenizer, OTHER)
+    own = render(llama_tokenizer, OTHER)
     assert a.sender_ids[0].tolist() == own.ids
-    r = align.render(qwen_tokenizer, MESSAGES)
+    r = render(qwen_tokenizer, MESSAGES)
     for t, i in enumerate(a.sender_index[0].tolist()):
         pos = align._content_position(r, t)
         if pos is None:
@@ -122,7 +153,9 @@ def test_span_aligner_with_another_sender_text(qwen_tokenizer, llama_tokenizer):
         s_a, s_b = own.offsets[i]
         assert s_a <= char < s_b  # the sender token covering the paired character
     # "Be brief." (9 chars) against "Be." (3 chars): the tail pairs with the last sender character.
-    sys_idx = [i for t, i in enumerate(a.sender_index[0].tolist()) if (p := align._content_position(r, t)) and p[0] == 0]
+    sys_idx = [
+        i for t, i in enumerate(a.sender_index[0].tolist()) if (p := align._content_position(r, t)) and p[0] == 0
+    ]
     assert sys_idx[-1] == own.offsets.index(next(o for o in own.offsets if o[0] <= own.segments[0][1] - 1 < o[1]))
     same = align.SpanAligner()([MESSAGES], qwen_tokenizer, llama_tokenizer, sender_messages_batch=[MESSAGES])
     plain = align.SpanAligner()([MESSAGES], qwen_tokenizer, llama_tokenizer)
@@ -140,7 +173,9 @@ def test_span_aligner_with_another_sender_text(qwen_tokenizer, llama_tokenizer):
 
 def test_identity_aligner_with_another_sender_text(qwen_tokenizer):
     short = [{"role": "user", "content": "Hi."}]
-    a = align.IdentityAligner()([MESSAGES, short], qwen_tokenizer, qwen_tokenizer, sender_messages_batch=[short, MESSAGES])
+    a = align.IdentityAligner()(
+        [MESSAGES, short], qwen_tokenizer, qwen_tokenizer, sender_messages_batch=[short, MESSAGES]
+    )
     r_len, s_len = int(a.receiver_mask[0].sum()), int(a.sender_mask[0].sum())
     assert s_len < r_len
     shift = a.sender_ids.shape[1] - s_len

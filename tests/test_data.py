@@ -9,9 +9,13 @@ import pytest
 
 from fedrefine_lib import data
 
-ITEM = {"id": "q1", "question_stem": "What is the color of Zorblax?",
-        "choices": {"text": ["red", "blue", "green", "white"], "label": ["A", "B", "C", "D"]},
-        "answerKey": "B", "domain": "science"}
+ITEM = {
+    "id": "q1",
+    "question_stem": "What is the color of Zorblax?",
+    "choices": {"text": ["red", "blue", "green", "white"], "label": ["A", "B", "C", "D"]},
+    "answerKey": "B",
+    "domain": "science",
+}
 
 
 def _jsonl(path, rows):
@@ -20,8 +24,11 @@ def _jsonl(path, rows):
 
 
 def test_chat_records_roundtrip(tmp_path):
-    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-            {"role": "assistant", "content": "Hello"}]
+    msgs = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello"},
+    ]
     path = data.write_jsonl([data.to_chat_record(msgs, domain="general")], tmp_path / "c.jsonl")
     assert json.loads(path.read_text())["conversations"][1] == {"from": "human", "value": "Hi"}
     assert data.load_chat_records(path) == [msgs]
@@ -31,14 +38,18 @@ def test_chat_records_parquet(tmp_path):
     rows = [data.to_chat_record([{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}])]
     pd.DataFrame(rows).to_parquet(tmp_path / "c.parquet")
     assert data.load_chat_records(tmp_path / "c.parquet") == [
-        [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]]
+        [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]
+    ]
 
 
-@pytest.mark.parametrize("row, needle", [
-    ({"messages": []}, "conversations"),
-    ({"conversations": [{"from": "bot", "value": "x"}]}, "turn 0"),
-    ({"conversations": [{"from": "gpt", "value": "a"}, {"from": "human", "value": "q"}]}, "last turn"),
-])
+@pytest.mark.parametrize(
+    "row, needle",
+    [
+        ({"messages": []}, "conversations"),
+        ({"conversations": [{"from": "bot", "value": "x"}]}, "turn 0"),
+        ({"conversations": [{"from": "gpt", "value": "a"}, {"from": "human", "value": "q"}]}, "last turn"),
+    ],
+)
 def test_chat_records_errors_name_file_and_line(tmp_path, row, needle):
     path = _jsonl(tmp_path / "bad.jsonl", [{"conversations": [{"from": "gpt", "value": "ok"}]}, row])
     with pytest.raises(data.DataFormatError, match="line 2") as err:
@@ -85,14 +96,18 @@ def test_tidy_text():
 
 
 def test_chat_records_kinds_filter(tmp_path):
-    rows = [data.to_chat_record([{"role": "user", "content": f"Q{i}"}, {"role": "assistant", "content": "A"}], kind=k)
-            for i, k in enumerate(["mcq", "background", "mcq", "filler"])]
+    rows = [
+        data.to_chat_record([{"role": "user", "content": f"Q{i}"}, {"role": "assistant", "content": "A"}], kind=k)
+        for i, k in enumerate(["mcq", "background", "mcq", "filler"])
+    ]
     path = data.write_jsonl(rows, tmp_path / "c.jsonl")
     assert [r[0]["content"] for r in data.load_chat_records(path, kinds=["mcq"])] == ["Q0", "Q2"]
     assert len(data.load_chat_records(path)) == 4
     with pytest.raises(data.DataFormatError, match="no record of kinds"):
         data.load_chat_records(path, kinds=["essay"])
-    plain = data.write_jsonl([data.to_chat_record([{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}])],
-                             tmp_path / "plain.jsonl")
+    plain = data.write_jsonl(
+        [data.to_chat_record([{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}])],
+        tmp_path / "plain.jsonl",
+    )
     with pytest.raises(data.DataFormatError, match="no 'kind' field.*kinds filter"):
         data.load_chat_records(plain, kinds=["mcq"])

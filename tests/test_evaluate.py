@@ -4,18 +4,26 @@ import pytest
 import torch
 
 from fedrefine_lib import data, evaluate, federation, kv
-from fedrefine_lib.align import encode_prompts
-from fedrefine_lib.fuser import C2CFuser, FuserConfig
+from fedrefine_lib.engine import Standalone, continue_prefill
+from fedrefine_lib.fuser import FuserConfig, ResidualFuser
 from fedrefine_lib.models import LoadedModel
+from fedrefine_lib.prompts import encode_prompts
 
 ITEMS = [
-    {"id": f"q{i}", "question_stem": stem, "domain": dom, "answerKey": key,
-     "choices": {"label": ["A", "B", "C", "D"], "text": ["blue", "red light", "a green metal", "zorblat"]}}
-    for i, (stem, dom, key) in enumerate([
-        ("What colour does zorblat glow?", "science", "A"),
-        ("Which river flows through Tressa?", "geography", "D"),
-        ("What does the fox jump over?", "science", "C"),
-    ])
+    {
+        "id": f"q{i}",
+        "question_stem": stem,
+        "domain": dom,
+        "answerKey": key,
+        "choices": {"label": ["A", "B", "C", "D"], "text": ["blue", "red light", "a green metal", "zorblat"]},
+    }
+    for i, (stem, dom, key) in enumerate(
+        [
+            ("What colour does zorblat glow?", "science", "A"),
+            ("Which river flows through Tressa?", "geography", "D"),
+            ("What does the fox jump over?", "science", "C"),
+        ]
+    )
 ]
 
 
@@ -40,7 +48,9 @@ def test_loglik_reuses_prefix_and_equals_full_recompute(qwen3):
     for k, text in enumerate(item["choices"]["text"]):
         opt = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
         with torch.no_grad():
-            logits, _ = kv.forward(model, torch.cat([ids, opt], 1), torch.ones(1, ids.shape[1] + opt.shape[1], dtype=torch.long))
+            logits, _ = kv.forward(
+                model, torch.cat([ids, opt], 1), torch.ones(1, ids.shape[1] + opt.shape[1], dtype=torch.long)
+            )
         logp = torch.log_softmax(logits[0, ids.shape[1] - 1 : -1], -1).gather(-1, opt[0, :, None]).sum().item()
         assert result.scores[1][k] == pytest.approx(logp, abs=1e-4)
     one = evaluate.score_mcq(qwen3, ITEMS[1:2], method="loglik", progress=False)
@@ -66,10 +76,10 @@ def test_every_item_is_counted(qwen3, method):
 def test_letter_scores_are_letter_logits(qwen3):
     result = evaluate.score_mcq(qwen3, ITEMS[:1], method="letter", progress=False)
     tok = qwen3.tokenizer
-    pre = federation.Standalone(qwen3).prefill([evaluate.letter_messages(ITEMS[0])], evaluate.LETTER_PREFIX)
+    pre = Standalone(qwen3).prefill([evaluate.letter_messages(ITEMS[0])], evaluate.LETTER_PREFIX)
     assert tok.decode(pre.input_ids[0]).endswith("assistant\nThe correct answer is")
     with torch.no_grad():
-        last = federation.continue_prefill(qwen3.model, pre)[0, -1]
+        last = continue_prefill(qwen3.model, pre)[0, -1]
     first = tok(" B", add_special_tokens=False)["input_ids"][0]
     assert result.scores[0][1] >= last[first].item() - 1e-5
 
@@ -85,7 +95,7 @@ def test_extract_answer():
 
 def test_scoring_with_a_closed_c2c_engine_equals_standalone(tiny_models, qwen3):
     sender = LoadedModel("llama", *tiny_models["llama"])
-    fuser = C2CFuser(FuserConfig.for_pair(qwen3, sender, hidden=8))
+    fuser = ResidualFuser(FuserConfig.for_pair(qwen3, sender, hidden=8))
     with torch.no_grad():
         for p in fuser.parameters():
             p.normal_(0, 0.3)

@@ -7,19 +7,29 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from fedrefine_lib import federation
+from fedrefine_lib.decode import generate
+from fedrefine_lib.engine import Standalone, continue_prefill
 from fedrefine_lib.fuser import (
-    C2CFuser, FuserConfig, FuserLoadError, MissingFuserFileError, PairMismatchError, sha256,
+    FuserConfig,
+    FuserLoadError,
+    MissingFuserFileError,
+    PairMismatchError,
+    ResidualFuser,
+    load_fuser,
 )
 from fedrefine_lib.models import LoadedModel
+from fedrefine_lib.safe_io import sha256
 
-PROMPTS = [[{"role": "user", "content": "What colour does zorblat glow?"}],
-           [{"role": "user", "content": "The fox jumps."}]]
+PROMPTS = [
+    [{"role": "user", "content": "What colour does zorblat glow?"}],
+    [{"role": "user", "content": "The fox jumps."}],
+]
 
 
-def random_fuser(receiver, sender, seed=0, **kw) -> C2CFuser:
+def random_fuser(receiver, sender, seed=0, **kw) -> ResidualFuser:
     """A fuser whose every weight (the zero-initialised projection too) is random."""
     torch.manual_seed(seed)
-    fuser = C2CFuser(FuserConfig.for_pair(receiver, sender, hidden=16, **kw))
+    fuser = ResidualFuser(FuserConfig.for_pair(receiver, sender, hidden=16, **kw))
     with torch.no_grad():
         for p in fuser.parameters():
             p.normal_(0, 0.3)
@@ -28,16 +38,16 @@ def random_fuser(receiver, sender, seed=0, **kw) -> C2CFuser:
 
 def last_logits(engine):
     pre = engine.prefill(PROMPTS)
-    return federation.continue_prefill(engine.receiver.model, pre)[:, -1]
+    return continue_prefill(engine.receiver.model, pre)[:, -1]
 
 
 @pytest.mark.parametrize("sender", ["qwen2", "llama", "gemma3"])
 def test_fuser_at_init_is_the_receiver_alone(loaded_models, sender):
-    fuser = C2CFuser(FuserConfig.for_pair(loaded_models["qwen3"], loaded_models[sender], hidden=16)).eval()
+    fuser = ResidualFuser(FuserConfig.for_pair(loaded_models["qwen3"], loaded_models[sender], hidden=16)).eval()
     fuser.set_gates(True)  # open: the zero-initialised projection alone makes it exact
     with torch.no_grad():
         c2c = federation.C2C(loaded_models["qwen3"], loaded_models[sender], fuser).prefill(PROMPTS)
-        alone = federation.Standalone(loaded_models["qwen3"]).prefill(PROMPTS)
+        alone = Standalone(loaded_models["qwen3"]).prefill(PROMPTS)
     for a, b in zip(c2c.cache.keys + c2c.cache.values, alone.cache.keys + alone.cache.values):
         assert torch.equal(a, b)
 
@@ -48,7 +58,7 @@ def test_closed_gates_give_the_receiver_alone(loaded_models, sender):
     fuser = random_fuser(receiver, loaded_models[sender])
     c2c = federation.C2C(receiver, loaded_models[sender], fuser)
     with torch.no_grad():
-        alone = last_logits(federation.Standalone(receiver))
+        alone = last_logits(Standalone(receiver))
         fuser.set_gates(True)
         assert not torch.allclose(last_logits(c2c), alone)  # the fuser does act when open
         fuser.set_gates(False)
@@ -56,13 +66,13 @@ def test_closed_gates_give_the_receiver_alone(loaded_models, sender):
         fuser.set_gates(None)
         fuser.gate_logits.fill_(-1.0)  # hard inference gate 1[l > 0]: closed
         assert torch.equal(last_logits(c2c), alone)
-    texts_c2c, _ = federation.generate(c2c, PROMPTS, 6)
-    texts_alone, _ = federation.generate(federation.Standalone(receiver), PROMPTS, 6)
+    texts_c2c, _ = generate(c2c, PROMPTS, 6)
+    texts_alone, _ = generate(Standalone(receiver), PROMPTS, 6)
     assert texts_c2c == texts_alone
 
 
 def test_gates_train_and_inference(loaded_models):
-    fuser = C2CFuser(FuserConfig.for_pair(loaded_models["qwen3"], loaded_models["llama"], hidden=8))
+    fuser = ResidualFuser(FuserConfig.for_pair(loaded_models["qwen3"], loaded_models["llama"], hidden=8))
     assert fuser.gate_logits.shape == (3, 2) and (fuser.gate_logits == 0).all()
     fuser.train()
     g = fuser.gates()
@@ -77,7 +87,9 @@ def test_gates_train_and_inference(loaded_models):
     assert fuser.gates().tolist() == [[1, 0], [0, 1], [0, 0]]
 
 
-@pytest.mark.parametrize("receiver,sender", [("qwen3", "llama"), ("llama", "qwen2"), ("qwen2", "gemma3"), ("gemma3", "qwen3")])
+@pytest.mark.parametrize(
+    "receiver,sender", [("qwen3", "llama"), ("llama", "qwen2"), ("qwen2", "gemma3"), ("gemma3", "qwen3")]
+)
 def test_heterogeneous_shapes(loaded_models, receiver, sender):
     r, s = loaded_models[receiver], loaded_models[sender]
     fuser = random_fuser(r, s, layer_map="depth")
@@ -91,7 +103,7 @@ def test_heterogeneous_shapes(loaded_models, receiver, sender):
 
 def test_wrong_caches_and_pairs_are_named(loaded_models):
     fuser = random_fuser(loaded_models["qwen3"], loaded_models["llama"])
-    cache = federation.Standalone(loaded_models["qwen3"]).prefill(PROMPTS).cache
+    cache = Standalone(loaded_models["qwen3"]).prefill(PROMPTS).cache
     with pytest.raises(ValueError, match="sender KV .* is not \\[B, 5, N, 8\\].*align.align_cache"):
         fuser(cache, cache, torch.ones(2, cache.keys[0].shape[2], dtype=torch.bool))
     with pytest.raises(PairMismatchError, match="sender_layers: fuser has 4, models have 2"):
@@ -113,7 +125,7 @@ def test_round_trip_identical_outputs(saved, loaded_models):
     meta = json.loads((path / "fuser_config.json").read_text())
     assert meta["config"]["receiver_name"] == "qwen3" and meta["config"]["sender_name"] == "llama"
     assert meta["config"]["layer_map"] == [1, 2, 3] and meta["config"]["aligner"] == "span"
-    back = C2CFuser.from_pretrained(path, receiver=loaded_models["qwen3"], sender=loaded_models["llama"])
+    back = load_fuser(path, receiver=loaded_models["qwen3"], sender=loaded_models["llama"])
     for g in (True, None):
         fuser.set_gates(g)
         back.set_gates(g)
@@ -126,11 +138,11 @@ def test_round_trip_identical_outputs(saved, loaded_models):
 def test_wrong_pair_names_the_difference(saved, loaded_models):
     _, path = saved
     with pytest.raises(PairMismatchError, match=r"sender_name: fuser has 'llama', models have 'qwen2'") as e:
-        C2CFuser.from_pretrained(path, receiver=loaded_models["qwen3"], sender=loaded_models["qwen2"])
+        load_fuser(path, receiver=loaded_models["qwen3"], sender=loaded_models["qwen2"])
     assert "sender_layers" in str(e.value) and "sender_vocab" in str(e.value)
     renamed = LoadedModel("llama-other", loaded_models["llama"].model, loaded_models["llama"].tokenizer)
     with pytest.raises(PairMismatchError, match="sender_name"):
-        C2CFuser.from_pretrained(path, receiver=loaded_models["qwen3"], sender=renamed)
+        load_fuser(path, receiver=loaded_models["qwen3"], sender=renamed)
 
 
 def test_corrupt_weights(saved):
@@ -139,7 +151,7 @@ def test_corrupt_weights(saved):
     blob[-5] ^= 0xFF
     (path / "fuser.safetensors").write_bytes(bytes(blob))
     with pytest.raises(FuserLoadError, match="Corrupt .*fuser.safetensors: sha256"):
-        C2CFuser.from_pretrained(path)
+        load_fuser(path)
 
 
 def test_truncated_weights_with_matching_checksum(saved):
@@ -149,14 +161,14 @@ def test_truncated_weights_with_matching_checksum(saved):
     meta["sha256"] = sha256(path / "fuser.safetensors")
     (path / "fuser_config.json").write_text(json.dumps(meta))
     with pytest.raises(FuserLoadError, match="Corrupt"):
-        C2CFuser.from_pretrained(path)
+        load_fuser(path)
 
 
 def test_corrupt_config(saved):
     _, path = saved
     (path / "fuser_config.json").write_text("{not json")
     with pytest.raises(FuserLoadError, match="Corrupt .*fuser_config.json"):
-        C2CFuser.from_pretrained(path)
+        load_fuser(path)
 
 
 def test_missing_and_extra_tensors(saved):
@@ -168,14 +180,17 @@ def test_missing_and_extra_tensors(saved):
     meta = json.loads((path / "fuser_config.json").read_text())
     meta["sha256"] = sha256(path / "fuser.safetensors")
     (path / "fuser_config.json").write_text(json.dumps(meta))
-    with pytest.raises(FuserLoadError, match=r"missing tensors \['value_projectors.2.proj_out.weight'\].*unexpected tensors \['stray'\]"):
-        C2CFuser.from_pretrained(path)
+    with pytest.raises(
+        FuserLoadError,
+        match=r"missing tensors \['value_projectors.2.proj_out.weight'\].*unexpected tensors \['stray'\]",
+    ):
+        load_fuser(path)
 
 
 def test_missing_file(saved):
     _, path = saved
     (path / "fuser.safetensors").unlink()
     with pytest.raises(MissingFuserFileError, match="No fuser.safetensors"):
-        C2CFuser.from_pretrained(path)
+        load_fuser(path)
     with pytest.raises(FileNotFoundError):
-        C2CFuser.from_pretrained(path / "nowhere")
+        load_fuser(path / "nowhere")

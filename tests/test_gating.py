@@ -2,21 +2,22 @@
 
 import pytest
 import torch
+from test_multi import PROMPTS, engine, logits
 
-from fedrefine_lib import federation, gating, train
+from fedrefine_lib import federation, gate_training, gating, train
+from fedrefine_lib import gate as gatelib
+from fedrefine_lib.engine import Standalone
 from fedrefine_lib.evaluate import McqResult
 from fedrefine_lib.train import TrainConfig
 
-from test_multi import PROMPTS, engine, logits
-
 
 def query(loaded_models, senders, prompts=PROMPTS):
-    pre = federation.Standalone(loaded_models["qwen3"]).prefill(prompts)
-    return gating.GateQuery(prompts, pre.cache, pre.attention_mask[:, :-1], list(senders))
+    pre = Standalone(loaded_models["qwen3"]).prefill(prompts)
+    return gatelib.GateQuery(prompts, pre.cache, pre.attention_mask[:, :-1], list(senders))
 
 
 def test_fresh_gate_is_equal_weights(loaded_models):
-    gate = gating.Gate(gating.GateConfig.for_receiver(loaded_models["qwen3"], ["qwen2", "llama"]))
+    gate = gatelib.Gate(gatelib.GateConfig.for_receiver(loaded_models["qwen3"], ["qwen2", "llama"]))
     q = query(loaded_models, ["qwen2", "llama"])
     assert torch.equal(gating.LearnedGate(gate)(q), gating.EqualWeights()(q))
     eq = engine(loaded_models, ["qwen2", "llama"], policy=gating.EqualWeights())
@@ -25,10 +26,12 @@ def test_fresh_gate_is_equal_weights(loaded_models):
 
 
 def test_pooled_features_ignore_padding(loaded_models):
-    batch = gating.pooled_features(query(loaded_models, []).receiver_cache, query(loaded_models, []).mask)
+    batch = gatelib.pooled_features(query(loaded_models, []).receiver_cache, query(loaded_models, []).mask)
     for b, p in enumerate(PROMPTS):
         one = query(loaded_models, [], [p])
-        torch.testing.assert_close(batch[b : b + 1], gating.pooled_features(one.receiver_cache, one.mask), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(
+            batch[b : b + 1], gatelib.pooled_features(one.receiver_cache, one.mask), atol=1e-5, rtol=1e-4
+        )
 
 
 def test_pooled_features_are_the_maximum_over_real_tokens():
@@ -37,11 +40,11 @@ def test_pooled_features_are_the_maximum_over_real_tokens():
     values = torch.tensor([[1.0, 9.0, -2.0], [5.0, -1.0, 0.5]]).reshape(2, 1, 3, 1)  # [B=2, H=1, N=3, D=1]
     cache = KVCache([torch.zeros_like(values)], [values], 3)
     mask = torch.tensor([[1, 0, 1], [1, 1, 1]])  # 9.0 sits on a padding position
-    assert gating.pooled_features(cache, mask).tolist() == [[1.0], [5.0]]
+    assert gatelib.pooled_features(cache, mask).tolist() == [[1.0], [5.0]]
 
 
 def test_gate_maps_engine_senders_to_its_columns(loaded_models):
-    gate = gating.Gate(gating.GateConfig.for_receiver(loaded_models["qwen3"], ["qwen2", "llama", "gemma3"]))
+    gate = gatelib.Gate(gatelib.GateConfig.for_receiver(loaded_models["qwen3"], ["qwen2", "llama", "gemma3"]))
     with torch.no_grad():
         gate.out.bias.copy_(torch.tensor([0.0, 1.0, 2.0, 3.0]))
     w = gating.LearnedGate(gate)(query(loaded_models, ["gemma3", "qwen2"]))
@@ -54,22 +57,22 @@ def test_gate_maps_engine_senders_to_its_columns(loaded_models):
 
 def test_gate_save_load_strict(loaded_models, tmp_path):
     r = loaded_models["qwen3"]
-    gate = gating.Gate(gating.GateConfig.for_receiver(r, ["qwen2", "llama"], hidden=8))
+    gate = gatelib.Gate(gatelib.GateConfig.for_receiver(r, ["qwen2", "llama"], hidden=8))
     with torch.no_grad():
         gate.out.weight.normal_()
     gate.save_pretrained(tmp_path / "g")
-    back = gating.Gate.from_pretrained(tmp_path / "g", r, ["qwen2", "llama"])
+    back = gatelib.Gate.from_pretrained(tmp_path / "g", r, ["qwen2", "llama"])
     assert all(torch.equal(a, b) for a, b in zip(gate.state_dict().values(), back.state_dict().values()))
-    with pytest.raises(gating.GateLoadError, match="senders"):
-        gating.Gate.from_pretrained(tmp_path / "g", r, ["llama", "qwen2"])
-    with pytest.raises(gating.GateLoadError, match="receiver_name"):
-        gating.Gate.from_pretrained(tmp_path / "g", loaded_models["llama"], ["qwen2", "llama"])
-    weights = tmp_path / "g" / gating.WEIGHTS_FILE
+    with pytest.raises(gatelib.GateLoadError, match="senders"):
+        gatelib.Gate.from_pretrained(tmp_path / "g", r, ["llama", "qwen2"])
+    with pytest.raises(gatelib.GateLoadError, match="receiver_name"):
+        gatelib.Gate.from_pretrained(tmp_path / "g", loaded_models["llama"], ["qwen2", "llama"])
+    weights = tmp_path / "g" / gatelib.WEIGHTS_FILE
     weights.write_bytes(weights.read_bytes()[:-4] + b"\0\0\0\0")
-    with pytest.raises(gating.GateLoadError, match="sha256"):
-        gating.Gate.from_pretrained(tmp_path / "g")
-    with pytest.raises(gating.GateLoadError, match="not a saved gate"):
-        gating.Gate.from_pretrained(tmp_path / "nothing")
+    with pytest.raises(gatelib.GateLoadError, match="sha256"):
+        gatelib.Gate.from_pretrained(tmp_path / "g")
+    with pytest.raises(gatelib.GateLoadError, match="not a saved gate"):
+        gatelib.Gate.from_pretrained(tmp_path / "nothing")
 
 
 def result(ids, domains, correct):
@@ -95,10 +98,14 @@ def test_prior_subsets_and_oracle():
 
 
 def test_prior_selection_per_domain(loaded_models):
-    items = [{"question_stem": "What colour does zorblat glow", "domain": "chem"},
-             {"question_stem": "Fox", "domain": "animals"},
-             {"question_stem": "Kevani river", "domain": "geo"}]
-    policy = gating.SubsetSelection({"chem": ["llama"], "animals": [], "geo": ["qwen2", "llama"]}, gating.domain_lookup(items))
+    items = [
+        {"question_stem": "What colour does zorblat glow", "domain": "chem"},
+        {"question_stem": "Fox", "domain": "animals"},
+        {"question_stem": "Kevani river", "domain": "geo"},
+    ]
+    policy = gating.SubsetSelection(
+        {"chem": ["llama"], "animals": [], "geo": ["qwen2", "llama"]}, gating.domain_lookup(items)
+    )
     w = policy(query(loaded_models, ["qwen2", "llama"]))
     assert w.tolist() == [[1, 0, 1], [1, 0, 0], [1, 1, 1]]
     with pytest.raises(ValueError, match="does not have"):
@@ -108,7 +115,7 @@ def test_prior_selection_per_domain(loaded_models):
     # As an engine policy: the closed senders are not run for those queries.
     eng = engine(loaded_models, ["qwen2", "llama"], policy=policy)
     pre, _ = logits(eng, PROMPTS)
-    alone = federation.Standalone(loaded_models["qwen3"]).prefill(PROMPTS)
+    alone = Standalone(loaded_models["qwen3"]).prefill(PROMPTS)
     assert all(torch.equal(a[1], b[1]) for a, b in zip(pre.cache.values, alone.cache.values))
 
 
@@ -116,14 +123,18 @@ def test_prior_selection_per_domain(loaded_models):
 def test_train_gate_learns_with_frozen_fusers(loaded_models, mode):
     eng = engine(loaded_models, ["qwen2", "llama"], mode)
     fuser_before = [p.detach().clone() for f in eng.fusers for p in f.parameters()]
-    gate = gating.Gate(gating.GateConfig.for_receiver(loaded_models["qwen3"], ["qwen2", "llama"], mode=mode, hidden=8))
+    gate = gatelib.Gate(
+        gatelib.GateConfig.for_receiver(loaded_models["qwen3"], ["qwen2", "llama"], mode=mode, hidden=8)
+    )
     records = [[{"role": "user", "content": f"Fox {i}?"}, {"role": "assistant", "content": "blue"}] for i in range(4)]
+
     def loss() -> float:  # the records' answer loss with the gate as the policy (same frozen fusers)
         return train.lm_loss(engine(loaded_models, ["qwen2", "llama"], mode, policy=gating.LearnedGate(gate)), records)
 
     before = loss()
-    res = gating.train_gate(eng, gate, records, TrainConfig(lr=5e-2, batch_size=2, epochs=4, warmup_ratio=0.0,
-                                                            progress=False))
+    res = gate_training.train_gate(
+        eng, gate, records, TrainConfig(lr=5e-2, batch_size=2, epochs=4, warmup_ratio=0.0, progress=False)
+    )
     assert res.steps == 8 and loss() < before
     assert all(torch.equal(a, b) for a, b in zip(fuser_before, (p for f in eng.fusers for p in f.parameters())))
     w = gating.LearnedGate(gate)(query(loaded_models, ["qwen2", "llama"]))
@@ -133,26 +144,32 @@ def test_train_gate_learns_with_frozen_fusers(loaded_models, mode):
 def test_gate_init_depends_on_its_seed_only(loaded_models):
     import dataclasses
 
-    config = gating.GateConfig.for_receiver(loaded_models["qwen3"], ["qwen2", "llama"])
+    config = gatelib.GateConfig.for_receiver(loaded_models["qwen3"], ["qwen2", "llama"])
     torch.manual_seed(1)
-    a = gating.Gate(config)
+    a = gatelib.Gate(config)
     torch.manual_seed(2)
     torch.rand(7)  # other work before the gate is built must not change it
-    b = gating.Gate(config)
+    b = gatelib.Gate(config)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
-    assert not torch.equal(a.inp.weight, gating.Gate(dataclasses.replace(config, seed=1)).inp.weight)
+    assert not torch.equal(a.inp.weight, gatelib.Gate(dataclasses.replace(config, seed=1)).inp.weight)
 
 
 def test_selection_targets_name_the_best_source():
-    items = [{"id": i, "choices": {"label": ["A", "B"], "text": ["x", "y"]}, "answerKey": k}
-             for i, k in (("a", "A"), ("b", "B"), ("c", "A"))]
+    items = [
+        {"id": i, "choices": {"label": ["A", "B"], "text": ["x", "y"]}, "answerKey": k}
+        for i, k in (("a", "A"), ("b", "B"), ("c", "A"))
+    ]
+
     def scored(scores):
         r = result(["a", "b", "c"], ["d"] * 3, [True] * 3)
         r.scores = scores
         return r
-    results = {(): scored([[0.0, 0.0], [0.0, 1.0], [2.0, 0.0]]),
-               ("x",): scored([[1.0, 0.0], [0.0, 0.5], [1.0, 0.0]]),   # best on a
-               ("y",): scored([[0.5, 0.0], [0.0, 3.0], [2.0, 0.0]])}   # best on b, ties the receiver on c
+
+    results = {
+        (): scored([[0.0, 0.0], [0.0, 1.0], [2.0, 0.0]]),
+        ("x",): scored([[1.0, 0.0], [0.0, 0.5], [1.0, 0.0]]),  # best on a
+        ("y",): scored([[0.5, 0.0], [0.0, 3.0], [2.0, 0.0]]),
+    }  # best on b, ties the receiver on c
     assert gating.selection_targets(results, items, ["x", "y"]).tolist() == [1, 2, 0]
     with pytest.raises(KeyError, match="single sender"):
         gating.selection_targets({(): results[()]}, items, ["x"])
@@ -162,9 +179,11 @@ def test_selection_targets_name_the_best_source():
 
 def test_source_success_per_question_and_per_domain():
     items = [{"id": i, "domain": d} for i, d in (("a", "bio"), ("b", "bio"), ("c", "geo"))]
-    results = {(): result("abc", ["bio", "bio", "geo"], [False, False, True]),
-               ("x",): result("abc", ["bio", "bio", "geo"], [True, False, False]),
-               ("y",): result("abc", ["bio", "bio", "geo"], [True, True, True])}
+    results = {
+        (): result("abc", ["bio", "bio", "geo"], [False, False, True]),
+        ("x",): result("abc", ["bio", "bio", "geo"], [True, False, False]),
+        ("y",): result("abc", ["bio", "bio", "geo"], [True, True, True]),
+    }
     assert gating.source_success(results, items, ["x", "y"], by=None).tolist() == [[0, 1, 1], [0, 0, 1], [1, 0, 1]]
     assert gating.source_success(results, items, ["x", "y"]).tolist() == [[0, 0.5, 1], [0, 0.5, 1], [1, 0, 1]]
     assert gating.source_success(results, items, ["y"]).tolist() == [[0, 1], [0, 1], [1, 1]]
@@ -183,42 +202,85 @@ def test_router_gate_learns_who_serves_where(loaded_models, tmp_path, objective)
     from fedrefine_lib.data import mcq_messages
 
     eng = engine(loaded_models, ["qwen2", "llama"], "concat")
-    kinds = {"animals": "Which fox {} is the fastest?", "rivers": "How long is the Kevani river {}?",
-             "colours": "What colour is the zorblat {}?"}
-    items = [{"id": f"{k}{i}", "question_stem": q.format(i), "choices": {"label": ["A", "B"], "text": ["x", "y"]},
-              "answerKey": "A"} for k, q in kinds.items() for i in range(6)]
+    kinds = {
+        "animals": "Which fox {} is the fastest?",
+        "rivers": "How long is the Kevani river {}?",
+        "colours": "What colour is the zorblat {}?",
+    }
+    items = [
+        {
+            "id": f"{k}{i}",
+            "question_stem": q.format(i),
+            "choices": {"label": ["A", "B"], "text": ["x", "y"]},
+            "answerKey": "A",
+        }
+        for k, q in kinds.items()
+        for i in range(6)
+    ]
     best = torch.tensor([1] * 6 + [2] * 6 + [0] * 6)  # qwen2 serves animals, llama rivers, nobody colours
     # Per-source success: the best source right 80 % of the time, the others 30 %.
     targets = best if objective == "best_source" else 0.3 + 0.5 * torch.nn.functional.one_hot(best, 3).float()
-    gate = gating.Gate(gating.GateConfig.for_receiver(loaded_models["qwen3"], ["qwen2", "llama"], mode="concat",
-                                                      hidden=8, output="route"))
-    res = gating.train_gate_selection(eng, gate, items, targets, TrainConfig(lr=5e-2, batch_size=6, epochs=30,
-                                                                             warmup_ratio=0.0, progress=False))
+    gate = gatelib.Gate(
+        gatelib.GateConfig.for_receiver(
+            loaded_models["qwen3"], ["qwen2", "llama"], mode="concat", hidden=8, output="route"
+        )
+    )
+    res = gate_training.train_gate_selection(
+        eng, gate, items, targets, TrainConfig(lr=5e-2, batch_size=6, epochs=30, warmup_ratio=0.0, progress=False)
+    )
     assert res.steps == 90 and res.losses[-1] < res.losses[0]
     features = gating.query_features(eng, [mcq_messages(it) for it in items])
     expected = torch.tensor([[1.0, 1, 0]] * 6 + [[1.0, 0, 1]] * 6 + [[1.0, 0, 0]] * 6)
     assert torch.equal(gate(features), expected)
     gate.save_pretrained(tmp_path / "g")  # the standardisation travels with the weights
-    back = gating.Gate.from_pretrained(tmp_path / "g", loaded_models["qwen3"], ["qwen2", "llama"])
+    back = gatelib.Gate.from_pretrained(tmp_path / "g", loaded_models["qwen3"], ["qwen2", "llama"])
     assert torch.equal(back(features), expected)
     # As a policy of an engine with llama only: river questions go to llama, colour questions to nobody.
-    q = gating.GateQuery([mcq_messages(it) for it in items], *eng.receiver_view([mcq_messages(it) for it in items]), ["llama"])
+    q = gatelib.GateQuery(
+        [mcq_messages(it) for it in items], *eng.receiver_view([mcq_messages(it) for it in items]), ["llama"]
+    )
     assert torch.equal(gating.LearnedGate(back)(q)[6:], expected[6:, [0, 2]])
     with pytest.raises(ValueError, match="router"):
-        gating.train_gate_selection(eng, gating.Gate(gating.GateConfig.for_receiver(loaded_models["qwen3"], ["qwen2", "llama"])),
-                                    items, targets)
-    for bad, cause in ((targets[:5], "must be"), (best.float()[:, None].expand(18, 3) * 2, "probabilities"),
-                       (best + 3, "indices")):
+        gate_training.train_gate_selection(
+            eng,
+            gatelib.Gate(gatelib.GateConfig.for_receiver(loaded_models["qwen3"], ["qwen2", "llama"])),
+            items,
+            targets,
+        )
+    for bad, cause in (
+        (targets[:5], "must be"),
+        (best.float()[:, None].expand(18, 3) * 2, "probabilities"),
+        (best + 3, "indices"),
+    ):
         with pytest.raises(ValueError, match=cause):
-            gating.train_gate_selection(eng, gate, items, bad)
+            gate_training.train_gate_selection(eng, gate, items, bad)
     with pytest.raises(ValueError, match="not differentiable"):
-        gating.train_gate(eng, gate, [[{"role": "user", "content": "Fox?"}, {"role": "assistant", "content": "blue"}]])
+        gate_training.train_gate(
+            eng, gate, [[{"role": "user", "content": "Fox?"}, {"role": "assistant", "content": "blue"}]]
+        )
+    # What the router does and learnt from, per domain (03's tables).
+    items = [dict(it, domain=it["id"].rstrip("0123456789")) for it in items]
+    routed = federation.FedRefine(eng.receiver, eng.senders, dict(zip(eng.sender_names, eng.fusers)),
+                                  policy=gating.LearnedGate(gate))  # fmt: skip
+    table = gating.weights_by_domain(routed, items, mcq_messages, batch_size=5)
+    assert table.loc["animals"].tolist() == [0.0, 1.0, 0.0] and table.loc["colours"].tolist() == [1.0, 0.0, 0.0]
+    learnt = gating.targets_by_domain(targets, items, gate.config.sources)
+    assert learnt.loc["rivers", "llama"] == pytest.approx(1.0 if objective == "best_source" else 0.8)
+
+
+def test_gate_choices_are_checked_by_name():
+    gate_training.check_gate_choice("selection", "domain", "val")
+    for args, name in ((("router",), "gate_objective"), (("answer", "best", "all"), "gate_data"),
+                       (("selection", "per_domain"), "gate_targets")):  # fmt: skip
+        with pytest.raises(ValueError, match=f"{name}=.*use one of"):
+            gate_training.check_gate_choice(*args)
 
 
 def test_router_opens_a_sender_only_past_the_margin():
     """Scores are logits of each source's predicted chance of a right answer (own, s1, s2)."""
+
     def router(chances, margin):
-        gate = gating.Gate(gating.GateConfig("r", ["s1", "s2"], 1, 1, 2, output="route", open_margin=margin))
+        gate = gatelib.Gate(gatelib.GateConfig("r", ["s1", "s2"], 1, 1, 2, output="route", open_margin=margin))
         with torch.no_grad():
             gate.out.bias.copy_(torch.logit(torch.tensor(chances)))
         return gate(torch.zeros(1, 2))[0].tolist()
@@ -230,4 +292,4 @@ def test_router_opens_a_sender_only_past_the_margin():
     assert router([0.30, 0.60, 0.90], 0.05) == [1.0, 0.0, 1.0]
     assert router([0.90, 0.90, 0.90], 0.0) == [1.0, 0.0, 0.0]  # ties go to the receiver alone
     with pytest.raises(ValueError, match="open_margin"):
-        gating.GateConfig("r", ["s1"], 1, 1, 2, output="route", open_margin=1.5)
+        gatelib.GateConfig("r", ["s1"], 1, 1, 2, output="route", open_margin=1.5)

@@ -36,7 +36,9 @@ def test_hub_round_trip_and_reuse(tmp_path, pair):
     load = {"tiny-qwen3": receiver, "tiny-llama": sender}.get
     job = FuserJob("tiny-llama", "tiny-qwen3", options={"hidden": 16})
     assert hub.train_missing(load, [job], RECORDS, train_config=cfg) == []
-    trained = hub.train_missing(load, [FuserJob("tiny-llama", "tiny-qwen3", options={"hidden": 8})], RECORDS, train_config=cfg)
+    trained = hub.train_missing(
+        load, [FuserJob("tiny-llama", "tiny-qwen3", options={"hidden": 8})], RECORDS, train_config=cfg
+    )
     assert trained == ["tiny-llama->tiny-qwen3/default"]
     assert hub.get(sender, receiver).config.hidden == 8
     with pytest.raises(ValueError, match="unknown kind 'concatenate'"):
@@ -54,8 +56,10 @@ def test_train_missing_in_worker_processes_matches_one_by_one(tmp_path, pair):
         specs[m.name] = ModelSpec(m.name, str(tmp_path / m.name))
     local = {n: load_model(s) for n, s in specs.items()}
     cfg = TrainConfig(lr=1e-2, max_steps=2, batch_size=3, progress=False)
-    jobs = [FuserJob("tiny-llama", "tiny-qwen3", options={"hidden": 8}),
-            FuserJob("tiny-llama", "tiny-qwen3", "concat", "concat", {"hidden": 8})]
+    jobs = [
+        FuserJob("tiny-llama", "tiny-qwen3", options={"hidden": 8}),
+        FuserJob("tiny-llama", "tiny-qwen3", "concat", "concat", {"hidden": 8}),
+    ]
     parallel, serial = FuserHub(tmp_path / "parallel"), FuserHub(tmp_path / "serial")
     trained = parallel.train_missing(local.get, jobs, RECORDS, train_config=cfg, workers=2, spec=specs.get)
     assert sorted(trained) == ["tiny-llama->tiny-qwen3/concat", "tiny-llama->tiny-qwen3/default"]
@@ -77,11 +81,31 @@ def test_missing_pair_error_names_it(tmp_path, pair):
 
 
 def test_hub_stores_concat_fusers_by_kind(tmp_path, pair):
-    from fedrefine_lib.concat import ConcatFuser
-
     receiver, sender = pair
     hub = FuserHub(tmp_path / "hub")
     cfg = TrainConfig(lr=1e-2, max_steps=1, batch_size=3, progress=False)
     fuser, _ = hub.get_or_train(receiver, sender, RECORDS, variant="concat", kind="concat", train_config=cfg, hidden=8)
-    assert isinstance(fuser, ConcatFuser) and isinstance(hub.get(sender, receiver, "concat"), ConcatFuser)
-    assert not isinstance(hub.get_or_train(receiver, sender, RECORDS, train_config=cfg, hidden=8)[0], ConcatFuser)
+    assert fuser.kind == "concat" and hub.get(sender, receiver, "concat").kind == "concat"
+    assert hub.get_or_train(receiver, sender, RECORDS, train_config=cfg, hidden=8)[0].kind == "residual"
+
+
+def test_ablation_jobs_change_one_thing_each():
+    from fedrefine_lib.hub import ablation_jobs, check_ablations
+
+    options = {"hidden": 8, "layer_map": "top", "sender_positions": 1}
+    jobs = ablation_jobs("s", "r", "concat", options, ["fusion", "positions", "reencode", "layer_map"])
+    assert {k: (j.variant, j.kind) for k, j in jobs.items()} == {
+        "fusion": ("default", "residual"),
+        "positions": ("concat_all_positions", "concat"),
+        "reencode": ("reencode", "residual"),
+        "layer_map top_down": ("concat_top_down", "concat"),
+        "layer_map bottom_up": ("concat_bottom_up", "concat"),
+    }
+    assert jobs["positions"].options == {"hidden": 8, "layer_map": "top", "sender_positions": None}
+    assert jobs["fusion"].options == {"hidden": 8, "layer_map": "top"}  # residual jobs drop sender_positions
+    assert "prefix" in ablation_jobs("s", "r", "concat", options, ["prefix"])
+    assert "positions" not in ablation_jobs("s", "r", "residual", {}, ["positions"])  # residual sends every position
+    with pytest.raises(ValueError, match="ablations=.*'fusoin'.*give a list"):
+        check_ablations(["fusoin"])
+    with pytest.raises(ValueError, match="give a list"):
+        ablation_jobs("s", "r", "concat", options, "fusion")

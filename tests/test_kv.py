@@ -22,10 +22,12 @@ def test_rebuilt_cache_continues_like_full_recompute(tiny_models, arch):
     full_logits, _ = kv.forward(model, ids, mask)
 
     split = ids.shape[1] - 3
-    _, cache = kv.prefill(model, ids[:, :split], mask[:, :split])
+    _, cache = kv.forward(model, ids[:, :split], mask[:, :split])
+    cache = kv.KVCache.from_cache(cache)
     # Round trip through plain tensors and back into a fresh transformers cache.
-    rebuilt = kv.KVCache([k.clone() for k in cache.keys], [v.clone() for v in cache.values],
-                         cache.seq_len, cache.sliding).to_cache(model.config)
+    rebuilt = kv.KVCache(
+        [k.clone() for k in cache.keys], [v.clone() for v in cache.values], cache.seq_len, cache.sliding
+    ).to_cache(model.config)
     for t in range(split, ids.shape[1]):  # decode the rest one token at a time
         logits, rebuilt = kv.forward(model, ids[:, t : t + 1], mask[:, : t + 1], rebuilt)
         torch.testing.assert_close(logits[:, -1], full_logits[:, t], atol=1e-4, rtol=0)
@@ -34,7 +36,8 @@ def test_rebuilt_cache_continues_like_full_recompute(tiny_models, arch):
 def test_gemma_sliding_layers_restore_true_length(tiny_models):
     model, tok = tiny_models["gemma3"]
     ids, mask = _batch(tok, TEXTS[:1])
-    _, cache = kv.prefill(model, ids, mask)
+    _, cache = kv.forward(model, ids, mask)
+    cache = kv.KVCache.from_cache(cache)
     assert cache.sliding == [True, True, False, True]
     assert cache.keys[0].shape[2] == model.config.sliding_window - 1 < ids.shape[1]
     assert cache.keys[2].shape[2] == ids.shape[1]
@@ -48,7 +51,8 @@ def test_gemma_sliding_layers_restore_true_length(tiny_models):
 def test_bytes_from_config_equal_encoded_payload(tiny_models, arch, dtype):
     model, tok = tiny_models[arch]
     ids, mask = _batch(tok, TEXTS[:1])
-    _, cache = kv.prefill(model, ids, mask)
+    _, cache = kv.forward(model, ids, mask)
+    cache = kv.KVCache.from_cache(cache)
     enc = kv.encode(cache, dtype)
     n = ids.shape[1]
     assert enc.payload_bytes == kv.kv_bytes(model.config, n, dtype) == cache.nbytes(dtype)
@@ -73,7 +77,8 @@ def test_kv_bytes_per_token_paper_receiver():
 def test_bad_inputs_raise_clear_errors(tiny_models):
     model, tok = tiny_models["qwen2"]
     ids, mask = _batch(tok, TEXTS[:1])
-    _, cache = kv.prefill(model, ids, mask)
+    _, cache = kv.forward(model, ids, mask)
+    cache = kv.KVCache.from_cache(cache)
     with pytest.raises(ValueError, match="Unsupported transport dtype"):
         kv.encode(cache, "int3")
     enc = kv.encode(cache, "float16")

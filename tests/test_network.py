@@ -7,7 +7,8 @@ import torch
 
 from fedrefine_lib import kv as kvlib
 from fedrefine_lib import network as net
-from fedrefine_lib.federation import TOKEN_ID_BYTES, Trace
+from fedrefine_lib.t2t import TOKEN_ID_BYTES
+from fedrefine_lib.trace import Trace
 
 LINK = net.Link("test", bandwidth_mbps=8.0, rtt_ms=100.0)  # 1 MB/s, 50 ms one way
 
@@ -69,7 +70,8 @@ def test_kv_wire_bytes_match_encoded_payload(loaded_models, name):
     model = loaded_models[name].model
     n = 7
     ids = torch.randint(5, 50, (1, n))
-    _, cache = kvlib.prefill(model, ids, torch.ones_like(ids))  # the model's own cache (sliding layers capped)
+    _, cache = kvlib.forward(model, ids, torch.ones_like(ids))  # the model's own cache (sliding layers capped)
+    cache = kvlib.KVCache.from_cache(cache)
     for dtype in ("float32", "bfloat16"):
         assert net.kv_wire_bytes(model.config, n, dtype) == kvlib.encode(cache, dtype).payload_bytes
 
@@ -121,20 +123,22 @@ def test_c2c_trace_bytes_are_encoded_payloads_and_stages_add_up(loaded_models):
     each sample's real tokens, and with the transmission stage added the stages still sum
     to the total."""
     from fedrefine_lib.federation import C2C
-    from fedrefine_lib.fuser import C2CFuser, FuserConfig
+    from fedrefine_lib.fuser import FuserConfig, ResidualFuser
 
     receiver, sender = loaded_models["qwen3"], loaded_models["qwen2"]
-    fuser = C2CFuser(FuserConfig.for_pair(receiver, sender, hidden=8, layer_map="bottom_up")).eval()
+    fuser = ResidualFuser(FuserConfig.for_pair(receiver, sender, hidden=8, layer_map="bottom_up")).eval()
     engine = C2C(receiver, sender, fuser)
-    batch = [[{"role": "user", "content": "Zorblat glows blue."}],
-             [{"role": "user", "content": "The quick brown fox jumps over the lazy dog."}]]
+    batch = [
+        [{"role": "user", "content": "Zorblat glows blue."}],
+        [{"role": "user", "content": "The quick brown fox jumps over the lazy dog."}],
+    ]
     caches = engine.prompt_caches(batch)
     encoded = 0
-    for b, n in enumerate(caches.alignment.sender_mask.sum(1).tolist()):
-        one = caches.sender_cache.select([b]).map(lambda t: t[:, :, -n:])  # left padded: real tokens last
+    for b, n in enumerate(caches.alignments[0].sender_mask.sum(1).tolist()):
+        one = caches.sender_caches[0].select([b]).map(lambda t: t[:, :, -n:])  # left padded: real tokens last
         encoded += kvlib.encode(kvlib.KVCache(one.keys, one.values, n), "bfloat16").payload_bytes
     trace = engine.fuse(caches).trace
-    assert trace.bytes == {engine.link: encoded}
+    assert trace.bytes == {engine.links[0]: encoded}
     sent = net.with_transmission(trace, LINK, queries=2)
     assert sent.seconds["transmission"] == pytest.approx(LINK.transfer_seconds(encoded, messages=2))
     assert sent.total_seconds == pytest.approx(sum(sent.seconds.values()))

@@ -15,12 +15,21 @@ NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9]*.ipynb"))
 # notebook stem -> (metrics file name, dotted keys that must hold an accuracy record)
 EXPECTED = {
     "00_world": ("world.json", ["oracle"]),
-    "01_c2c": ("c2c.json", [
-        "accuracy.receiver_alone", "accuracy.sender_alone", "accuracy.c2c", "accuracy.t2t", "accuracy.oracle",
-    ]),
+    "01_c2c": (
+        "c2c.json",
+        [
+            "accuracy.receiver_alone",
+            "accuracy.sender_alone",
+            "accuracy.c2c",
+            "accuracy.t2t",
+            "accuracy.oracle",
+        ],
+    ),
     "02_co_c2c": ("co_c2c.json", []),
-    "03_fedrefine": ("fedrefine.json", ["oracle", "policies.equal", "policies.prior", "policies.learned_gate",
-                                        "policies.oracle_selection"]),
+    "03_fedrefine": (
+        "fedrefine.json",
+        ["oracle", "policies.equal", "policies.prior", "policies.learned_gate", "policies.oracle_selection"],
+    ),
     "04_case_study": ("case_study.json", ["oracle", "panel_a_selected"]),
 }
 
@@ -65,9 +74,18 @@ def test_notebook_runs_with_smoke_parameters(path, tmp_path_factory):
     data_dir = tmp_path_factory.getbasetemp() / "smoke-data"
     results = tmp_path_factory.mktemp("results")
     papermill.execute_notebook(
-        str(path), str(results / path.name), cwd=str(path.parent), kernel_name="python3",
-        parameters={"profile": "mini", "seed": 0, "smoke": True, "results_dir": str(results),
-                    "data_dir": str(data_dir), **SMOKE.get(path.stem, {})},
+        str(path),
+        str(results / path.name),
+        cwd=str(path.parent),
+        kernel_name="python3",
+        parameters={
+            "profile": "mini",
+            "seed": 0,
+            "smoke": True,
+            "results_dir": str(results),
+            "data_dir": str(data_dir),
+            **SMOKE.get(path.stem, {}),
+        },
         progress_bar=False,
     )
     metrics_name, keys = EXPECTED[path.stem]
@@ -98,3 +116,14 @@ def test_notebook_runs_with_smoke_parameters(path, tmp_path_factory):
         assert {"concat: top, last position", "concat: top, all positions"} <= labels, labels
         assert all(_accuracy_ok(v) for v in metrics["ablation_sender_domains"].values())
         assert metrics["c2c_bytes_per_query"] == metrics["bytes_per_token"]["kv"]["bfloat16"]
+
+
+def test_notebook_params_reads_the_parameters_cell():
+    from fedrefine_lib.results import notebook_params, parameter_names
+
+    names = parameter_names(ROOT / "notebooks" / "01_c2c.ipynb")
+    assert names[:3] == ("profile", "seed", "smoke") and "ablations" in names
+    namespace = {n: i for i, n in enumerate(names)} | {"unrelated": 1}
+    assert notebook_params("01_c2c", namespace) == {n: i for i, n in enumerate(names)}
+    with pytest.raises(NameError, match="'seed'"):
+        notebook_params("01_c2c", {n: 0 for n in names if n != "seed"})

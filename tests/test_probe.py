@@ -5,7 +5,7 @@ import random
 import pytest
 
 from fedrefine_lib import probe
-from fedrefine_lib.align import encode_prompts
+from fedrefine_lib.prompts import encode_prompts
 
 WORDS = list("abcdefgh")  # single tokens of the tiny test tokenizers
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import pytest
 
+from fedrefine_lib import leakage as lk
 from fedrefine_lib import rephrase as rp
 from fedrefine_lib.evaluate import score_mcq
 
@@ -15,65 +16,68 @@ from fedrefine_lib.evaluate import score_mcq
 
 
 def test_word_tokens_and_jaccard():
-    assert rp.word_tokens("The fox, the DOG.") == {"the", "fox", "dog"}
+    assert lk.word_tokens("The fox, the DOG.") == {"the", "fox", "dog"}
     # {the, fox, dog} vs {a, fox, and, cat}: 1 shared of 6 distinct
-    assert rp.token_jaccard("The fox, the dog.", "A fox and a cat") == pytest.approx(1 / 6)
-    assert rp.token_jaccard("Same words here", "here same WORDS") == 1.0
-    assert rp.token_jaccard("", "") == 0.0
-    assert rp.token_jaccard("abc", "") == 0.0
+    assert lk.token_jaccard("The fox, the dog.", "A fox and a cat") == pytest.approx(1 / 6)
+    assert lk.token_jaccard("Same words here", "here same WORDS") == 1.0
+    assert lk.token_jaccard("", "") == 0.0
+    assert lk.token_jaccard("abc", "") == 0.0
 
 
 def test_longest_common_substring():
     original = "What is the colour of Zorblat?"
     assert len(original) == 30
     # " zorblat" (8 chars, case-insensitive) beats " colour" (7)
-    assert rp.longest_common_substring(original, "Tell me zorblat's colour") == " Zorblat"
-    assert rp.longest_common_substring(original, "Tell me zorblat's colour", lower=False) == " colour"
-    assert rp.longest_common_substring("abc", "xyz") == ""
-    assert rp.longest_common_substring("", "abc") == ""
-    assert rp.longest_common_substring("abcd", "abcd") == "abcd"
+    assert lk.longest_common_substring(original, "Tell me zorblat's colour") == " Zorblat"
+    assert lk.longest_common_substring(original, "Tell me zorblat's colour", lower=False) == " colour"
+    assert lk.longest_common_substring("abc", "xyz") == ""
+    assert lk.longest_common_substring("", "abc") == ""
+    assert lk.longest_common_substring("abcd", "abcd") == "abcd"
 
 
 def test_private_terms_whole_word_case_insensitive():
     terms = ["Kevani", "Tressa", "Zorblat"]
-    assert rp.private_terms_in("Is Kevani north of Tressa?", terms) == ["Kevani", "Tressa"]
-    assert rp.private_terms_in("The kevani river", terms) == ["Kevani"]
-    assert rp.private_terms_in("Kevanish lands of Tressas", terms) == []
-    assert rp.private_terms_in("Kevani Kevani", ["Kevani", "Kevani"]) == ["Kevani"]
+    assert lk.private_terms_in("Is Kevani north of Tressa?", terms) == ["Kevani", "Tressa"]
+    assert lk.private_terms_in("The kevani river", terms) == ["Kevani"]
+    assert lk.private_terms_in("Kevanish lands of Tressas", terms) == []
+    assert lk.private_terms_in("Kevani Kevani", ["Kevani", "Kevani"]) == ["Kevani"]
 
 
 def test_leakage_values():
-    m = rp.leakage("What is the colour of Zorblat?", "Tell me zorblat's colour", ["Zorblat", "Kevani"])
+    m = lk.leakage("What is the colour of Zorblat?", "Tell me zorblat's colour", ["Zorblat", "Kevani"])
     # {what, is, the, colour, of, zorblat} vs {tell, me, zorblat, s, colour}: 2 of 9
     assert m.token_jaccard == pytest.approx(2 / 9)
     assert m.lcs_chars == 8
     assert m.lcs_fraction == pytest.approx(8 / 30)
     assert (m.private_present, m.private_survived, m.private_survival) == (1, 1, 1.0)
 
-    m = rp.leakage("Is Kevani north of Tressa?", "Is that river north of the town?", ["Kevani", "Tressa"])
+    m = lk.leakage("Is Kevani north of Tressa?", "Is that river north of the town?", ["Kevani", "Tressa"])
     assert (m.private_present, m.private_survived, m.private_survival) == (2, 0, 0.0)
-    m = rp.leakage("Is Kevani north of Tressa?", "Is kevani north of that town?", ["Kevani", "Tressa"])
+    m = lk.leakage("Is Kevani north of Tressa?", "Is kevani north of that town?", ["Kevani", "Tressa"])
     assert m.private_survival == 0.5
-    assert math.isnan(rp.leakage("no names here", "none", ["Kevani"]).private_survival)
-    same = rp.leakage("Tell me.", "Tell me.")
+    assert math.isnan(lk.leakage("no names here", "none", ["Kevani"]).private_survival)
+    same = lk.leakage("Tell me.", "Tell me.")
     assert (same.token_jaccard, same.lcs_chars, same.lcs_fraction) == (1.0, 8, 1.0)
 
 
 def test_leakage_frame_and_summary():
-    frame = rp.leakage_frame(
+    frame = lk.leakage_frame(
         ["Is Kevani north?", "What glows blue?"],
         ["Is kevani north?", "Which thing is blue?"],
-        private_terms=["Kevani"], per_item_terms=[[], ["blue"]],
+        private_terms=["Kevani"],
+        per_item_terms=[[], ["blue"]],
     )
     assert list(frame["private_present"]) == [1, 1]
     assert list(frame["private_survived"]) == [1, 1]
-    summary = rp.summarize_leakage(frame)
+    summary = lk.summarize_leakage(frame)
     assert summary["n"] == 2
     assert summary["private_survival"] == 1.0
     assert summary["verbatim"] == 0.5  # the first is the same text up to case
-    assert summary["token_jaccard"] == pytest.approx((1.0 + 1 / 6) / 2)  # {what,glows,blue} vs {which,thing,is,blue}: 1 of 6
+    assert summary["token_jaccard"] == pytest.approx(
+        (1.0 + 1 / 6) / 2
+    )  # {what,glows,blue} vs {which,thing,is,blue}: 1 of 6
     with pytest.raises(ValueError, match="originals"):
-        rp.leakage_frame(["a"], ["a", "b"])
+        lk.leakage_frame(["a"], ["a", "b"])
 
 
 @dataclass(frozen=True)
@@ -93,37 +97,44 @@ def _toy_parse(text: str) -> _Q | None:
 
 
 def test_structural_fidelity_hook():
-    check = rp.same_parse(_toy_parse, ("entity", "relation"))
+    check = lk.same_parse(_toy_parse, ("entity", "relation"))
     assert check("What is the melting point of Zorblat?", "Zorblat has what melting point?") is True
     assert check("What is the melting point of Zorblat?", "Kevani has what melting point?") is False
     assert check("What is the melting point of Zorblat?", "gibberish") is False
     assert check("gibberish", "What is the colour of Zorblat?") is None
-    fid = rp.structural_fidelity(
+    fid = lk.structural_fidelity(
         ["What is the colour of Zorblat?", "What is the colour of Kevani?", "unparseable"],
-        ["Zorblat has what colour?", "Zorblat has what colour?", "anything"], check)
+        ["Zorblat has what colour?", "Zorblat has what colour?", "anything"],
+        check,
+    )
     assert fid.results == (True, False, None)
     assert (fid.checked, fid.fraction) == (2, 0.5)
     with pytest.raises(ValueError, match="fields"):
-        rp.same_parse(_toy_parse, ())
+        lk.same_parse(_toy_parse, ())
 
 
 def test_clean_rephrasing():
     assert rp.clean_rephrasing("  Question: What is it?\nmore") == "What is it?"
-    assert rp.clean_rephrasing("<think>hmm</think>\n\nRephrased question: \"Why?\"") == "Why?"
+    assert rp.clean_rephrasing('<think>hmm</think>\n\nRephrased question: "Why?"') == "Why?"
     assert rp.clean_rephrasing("<think>never closed") == ""
     assert rp.clean_rephrasing("\n\n") == ""
 
 
 # ------------------------------------------------------------------ items
 
-ITEM = {"id": "q1", "question_stem": "What is the colour of Zorblat?",
-        "choices": {"text": ["blue", "red", "green", "black"], "label": ["A", "B", "C", "D"]},
-        "answerKey": "A", "domain": "science"}
+ITEM = {
+    "id": "q1",
+    "question_stem": "What is the colour of Zorblat?",
+    "choices": {"text": ["blue", "red", "green", "black"], "label": ["A", "B", "C", "D"]},
+    "answerKey": "A",
+    "domain": "science",
+}
 
 
 def test_rephrased_items_keep_options():
-    reph = rp.Rephrasings([ITEM["question_stem"]], [["Zorblat has what colour?", "Which colour is Zorblat?"]],
-                          "per_sender")
+    reph = rp.Rephrasings(
+        [ITEM["question_stem"]], [["Zorblat has what colour?", "Which colour is Zorblat?"]], "per_sender"
+    )
     second = rp.rephrased_items([ITEM], reph, sender=1)[0]
     assert second["question_stem"] == "Which colour is Zorblat?"
     assert second["original_question_stem"] == ITEM["question_stem"]
@@ -143,8 +154,9 @@ def test_rephrased_items_keep_options():
 def test_sender_views_rewrite_the_question_only():
     from fedrefine_lib.data import mcq_messages
 
-    reph = rp.Rephrasings([ITEM["question_stem"]], [["Zorblat has what colour?", "Which colour is Zorblat?"]],
-                          "per_sender")
+    reph = rp.Rephrasings(
+        [ITEM["question_stem"]], [["Zorblat has what colour?", "Which colour is Zorblat?"]], "per_sender"
+    )
     views = rp.sender_views(reph, ["s1", "s2"])
     chat = mcq_messages(ITEM)
     seen = views["s2"]([chat])[0][0]["content"]
@@ -159,7 +171,11 @@ def test_sender_views_rewrite_the_question_only():
 
 # ------------------------------------------------------------------ rephraser
 
-STEMS = ["What colour does zorblat glow?", "Which valley does the Kevani river cross?", "What does the function return?"]
+STEMS = [
+    "What colour does zorblat glow?",
+    "Which valley does the Kevani river cross?",
+    "What does the function return?",
+]
 
 
 def test_rephrase_shared(loaded_models):

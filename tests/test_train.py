@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from fedrefine_lib import evaluate, federation, train
-from fedrefine_lib.fuser import C2CFuser, FuserConfig
+from fedrefine_lib.engine import Standalone
+from fedrefine_lib.fuser import FuserConfig, ResidualFuser
 from fedrefine_lib.models import LoadedModel
 
 KEYS = ["fox", "dog", "blue", "metal"]
@@ -16,7 +17,7 @@ FILLER = "the quick brown lazy river valley speed light function high".split()
 
 
 def records(n: int, seed: int) -> list[list[dict]]:
-    """"<filler with one key word>" -> the key word."""
+    """ "<filler with one key word>" -> the key word."""
     rng = random.Random(seed)
     out = []
     for _ in range(n):
@@ -44,7 +45,9 @@ def blind_receiver(tiny_models) -> LoadedModel:
 
 def key_accuracy(engine, recs) -> float:
     scores, _ = evaluate.continuation_logliks(engine, [r[:-1] for r in recs], [KEYS] * len(recs))
-    return sum(KEYS[max(range(len(KEYS)), key=s.__getitem__)] == r[-1]["content"] for s, r in zip(scores, recs)) / len(recs)
+    return sum(KEYS[max(range(len(KEYS)), key=s.__getitem__)] == r[-1]["content"] for s, r in zip(scores, recs)) / len(
+        recs
+    )
 
 
 def snapshot(model):
@@ -52,21 +55,24 @@ def snapshot(model):
 
 
 def toy_config(**kw) -> train.TrainConfig:
-    return train.TrainConfig(**{"lr": 3e-3, "epochs": 20, "batch_size": 16, "cache_prompts": True, "progress": False, **kw})
+    return train.TrainConfig(
+        **{"lr": 3e-3, "epochs": 20, "batch_size": 16, "cache_prompts": True, "progress": False, **kw}
+    )
 
 
 @pytest.mark.parametrize("sender_name", ["qwen2", pytest.param("llama", marks=pytest.mark.slow)])
 def test_fuser_learns_what_only_the_sender_knows(tiny_models, blind_receiver, sender_name, tmp_path):
     sender = LoadedModel(sender_name, *tiny_models[sender_name])
     train_set, held_out = records(256, 0), records(64, 1)
-    alone = federation.Standalone(blind_receiver)
+    alone = Standalone(blind_receiver)
     alone_loss, alone_acc = train.lm_loss(alone, held_out), key_accuracy(alone, held_out)
     assert alone_acc <= 0.35  # blind: the same prediction for every key
 
-    fuser = C2CFuser(FuserConfig.for_pair(blind_receiver, sender, hidden=32, gate_init=3.0))
+    fuser = ResidualFuser(FuserConfig.for_pair(blind_receiver, sender, hidden=32, gate_init=3.0))
     before = {"receiver": snapshot(blind_receiver.model), "sender": snapshot(sender.model), "fuser": snapshot(fuser)}
-    result = train.train_fuser(blind_receiver, sender, fuser, train_set,
-                               toy_config(loss_curve_path=str(tmp_path / "curve.json")))
+    result = train.train_fuser(
+        blind_receiver, sender, fuser, train_set, toy_config(loss_curve_path=str(tmp_path / "curve.json"))
+    )
 
     c2c = federation.C2C(blind_receiver, sender, fuser)
     c2c_loss, c2c_acc = train.lm_loss(c2c, held_out), key_accuracy(c2c, held_out)
@@ -91,9 +97,12 @@ def test_seeded_and_prompt_cache_reuse_is_exact(tiny_models, blind_receiver):
     runs = []
     for cache_prompts in (True, False, True):
         torch.manual_seed(123)  # same init; the config's seed fixes order, Gumbel noise and dropout
-        fuser = C2CFuser(FuserConfig.for_pair(blind_receiver, sender, hidden=8, dropout=0.1))
-        runs.append(train.train_fuser(blind_receiver, sender, fuser, recs,
-                                      toy_config(epochs=2, batch_size=8, cache_prompts=cache_prompts)).losses)
+        fuser = ResidualFuser(FuserConfig.for_pair(blind_receiver, sender, hidden=8, dropout=0.1))
+        runs.append(
+            train.train_fuser(
+                blind_receiver, sender, fuser, recs, toy_config(epochs=2, batch_size=8, cache_prompts=cache_prompts)
+            ).losses
+        )
     assert runs[0] == runs[1] == runs[2] and len(runs[0]) == 8
 
 
@@ -105,13 +114,15 @@ def test_defaults_are_the_reference_recipe():
         train.TrainConfig.from_dict({"warmup": 0.1})
     assert train.temperature(0, 100, 1.0, 0.001) == 1.0
     assert train.temperature(99, 100, 1.0, 0.001) == pytest.approx(0.001)
-    assert train.temperature(50, 101, 1.0, 0.001) == pytest.approx(10 ** -1.5)
+    assert train.temperature(50, 101, 1.0, 0.001) == pytest.approx(10**-1.5)
 
 
 def test_split_record(qwen_tokenizer):
     prompt, answer = train.split_record(qwen_tokenizer, records(1, 0)[0])
     assert [m["role"] for m in prompt] == ["user"]
-    assert qwen_tokenizer.decode(answer) == records(1, 0)[0][-1]["content"] + "<|im_end|>"  # nothing past the stop token
+    assert (
+        qwen_tokenizer.decode(answer) == records(1, 0)[0][-1]["content"] + "<|im_end|>"
+    )  # nothing past the stop token
     _, uncut = train.split_record(qwen_tokenizer, records(1, 0)[0], stop_ids=set())
     assert qwen_tokenizer.decode(uncut) == records(1, 0)[0][-1]["content"] + "<|im_end|>\n"  # the template's tail
     with pytest.raises(ValueError, match="assistant"):

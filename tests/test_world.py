@@ -18,8 +18,7 @@ from fedrefine_lib import data
 from fedrefine_lib.world import DOMAINS, RELATIONS, WorldConfig, build_world, load_world, mini_models
 from fedrefine_lib.world.knowledge import make_knowledge
 from fedrefine_lib.world.records import chat_records, mcq_items
-from fedrefine_lib.world.templates import (QUESTIONS, STATEMENTS, parse_question, parse_statement,
-                                           question, statement)
+from fedrefine_lib.world.templates import QUESTIONS, STATEMENTS, parse_question, parse_statement, question, statement
 
 REAL_WORLD = Path(__file__).resolve().parent.parent / "data" / "mini" / "0"
 
@@ -84,7 +83,9 @@ def test_model_shapes_are_heterogeneous():
     for attr in ("layers", "hidden", "heads", "head_dim"):
         assert len({getattr(s, attr) for s in specs.values()}) >= 3, attr
     # KV heads: two values, like the paper's models (8 for Qwen3/Llama, 2 for Qwen2.5)
-    assert specs["mini-qwen3-0.6b"].kv_heads == specs["mini-llama3.2-1b"].kv_heads != specs["mini-qwen2.5-1.5b"].kv_heads
+    assert (
+        specs["mini-qwen3-0.6b"].kv_heads == specs["mini-llama3.2-1b"].kv_heads != specs["mini-qwen2.5-1.5b"].kv_heads
+    )
     known = [d for s in specs.values() if s.name != "mini-qwen3-0.6b" for d in s.domains]
     assert set(known) == set(DOMAINS)
     assert len(specs["mini-qwen3-0.6b"].domains) <= 2
@@ -114,8 +115,10 @@ def test_smoke_build_is_deterministic(smoke_worlds):
     a, b, _ = smoke_worlds
     assert a.manifest["files"] == b.manifest["files"]
     for name in a.models:
-        assert (a.manifest["models"][name]["weights_sha256"] == b.manifest["models"][name]["weights_sha256"]), name
-        assert (a.model_dir(name) / "tokenizer.json").read_bytes() == (b.model_dir(name) / "tokenizer.json").read_bytes()
+        assert a.manifest["models"][name]["weights_sha256"] == b.manifest["models"][name]["weights_sha256"], name
+        assert (a.model_dir(name) / "tokenizer.json").read_bytes() == (
+            b.model_dir(name) / "tokenizer.json"
+        ).read_bytes()
 
 
 def test_world_api_and_schemas(smoke_worlds):
@@ -148,7 +151,10 @@ def test_model_dirs_tokenize_like_their_family(smoke_worlds):
         prompt = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
         assert prompt == fam_tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
         for s in (prompt, "red", "The color of Zorblax is red."):
-            assert tok(s, add_special_tokens=False)["input_ids"] == fam_tok(s, add_special_tokens=False)["input_ids"], (name, s)
+            assert tok(s, add_special_tokens=False)["input_ids"] == fam_tok(s, add_special_tokens=False)["input_ids"], (
+                name,
+                s,
+            )
 
 
 def test_models_load_with_auto_classes(smoke_worlds):
@@ -163,8 +169,9 @@ def test_models_load_with_auto_classes(smoke_worlds):
         assert model.config.vocab_size == len(tok)
         enc = tok("The color of Zorblax is red.", return_offsets_mapping=True)
         assert len(enc["offset_mapping"]) == len(enc["input_ids"])
-        prompt = tok.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False,
-                                         add_generation_prompt=True)
+        prompt = tok.apply_chat_template(
+            [{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True
+        )
         assert ("<|im_start|>assistant\n" if "llama" not in name else "<|end_header_id|>\n\n") in prompt
         vocabs[name] = len(tok)
     assert vocabs["mini-llama3.2-1b"] != vocabs["mini-qwen3-0.6b"]
@@ -195,23 +202,37 @@ def test_pretraining_out_of_patience_keeps_its_best_check(smoke_worlds, tmp_path
     world, name = smoke_worlds[0], "mini-qwen2.5-0.5b"
     smoke = WorldConfig.smoke()
     base = {**smoke.to_dict(), "eval_every": 3, "min_steps": 3, "stop_accuracy": 2.0}  # never stops on accuracy
-    log = pretrain_model(name, 3, {**base, "max_steps": {**smoke.max_steps, name: 90}, "patience": 2},
-                         str(world.tokenizer_dir("qwen")), str(tmp_path / "patient"), progress=False)
+    log = pretrain_model(
+        name,
+        3,
+        {**base, "max_steps": {**smoke.max_steps, name: 90}, "patience": 2},
+        str(world.tokenizer_dir("qwen")),
+        str(tmp_path / "patient"),
+        progress=False,
+    )
     phase2 = [h for h in log["history"] if h["phase"] == 2]
     best = max(phase2, key=lambda h: h["val_accuracy"])  # the first of the best
     assert not log["early_stopped"] and log["steps"] == best["step"] + 2 * 3 < 90
     assert log["restored_step"] == best["step"] and log["final"]["step"] == best["step"]
-    ended = pretrain_model(name, 3, {**base, "max_steps": {**smoke.max_steps, name: best["step"]}, "patience": 100},
-                           str(world.tokenizer_dir("qwen")), str(tmp_path / "ended"), progress=False)
+    ended = pretrain_model(
+        name,
+        3,
+        {**base, "max_steps": {**smoke.max_steps, name: best["step"]}, "patience": 100},
+        str(world.tokenizer_dir("qwen")),
+        str(tmp_path / "ended"),
+        progress=False,
+    )
     assert ended["steps"] == best["step"] and ended["restored_step"] is None
-    assert sha256_file(tmp_path / "patient" / "model.safetensors") == sha256_file(tmp_path / "ended" / "model.safetensors")
+    assert sha256_file(tmp_path / "patient" / "model.safetensors") == sha256_file(
+        tmp_path / "ended" / "model.safetensors"
+    )
 
 
 def test_pretraining_saves_the_moving_average_of_the_weights(smoke_worlds, tmp_path):
     """With ``ema_decay`` d the saved weights after two steps are d * w1 + (1 - d) * w2,
     where w1, w2 are the raw weights after one and two steps (the average starts at w1)."""
-    from safetensors.torch import load_file
     import torch
+    from safetensors.torch import load_file
 
     from fedrefine_lib.world.pretrain import pretrain_model
 
@@ -220,8 +241,14 @@ def test_pretraining_saves_the_moving_average_of_the_weights(smoke_worlds, tmp_p
 
     def weights(steps: int, decay: float) -> dict:
         out = tmp_path / f"{steps}-{decay}"
-        pretrain_model(name, 3, {**smoke.to_dict(), "max_steps": {**smoke.max_steps, name: steps},
-                                 "ema_decay": decay}, str(world.tokenizer_dir("qwen")), str(out), progress=False)
+        pretrain_model(
+            name,
+            3,
+            {**smoke.to_dict(), "max_steps": {**smoke.max_steps, name: steps}, "ema_decay": decay},
+            str(world.tokenizer_dir("qwen")),
+            str(out),
+            progress=False,
+        )
         return load_file(out / "model.safetensors")
 
     w1, w2, averaged = weights(1, 0.0), weights(2, 0.0), weights(2, 0.25)
@@ -242,9 +269,19 @@ def test_phase2_learning_rate_scale_applies_from_the_next_step(smoke_worlds, tmp
 
     def digest(steps: int, scale: float) -> str:
         out = tmp_path / f"{steps}-{scale}"
-        log = pretrain_model(name, 3, {**smoke.to_dict(), "max_steps": {**smoke.max_steps, name: steps},
-                                       "ema_decay": 0.0, "phase2_lr_scale": scale},
-                             str(world.tokenizer_dir("qwen")), str(out), progress=False)
+        log = pretrain_model(
+            name,
+            3,
+            {
+                **smoke.to_dict(),
+                "max_steps": {**smoke.max_steps, name: steps},
+                "ema_decay": 0.0,
+                "phase2_lr_scale": scale,
+            },
+            str(world.tokenizer_dir("qwen")),
+            str(out),
+            progress=False,
+        )
         assert log["phase2_step"] == 6
         return sha256_file(out / "model.safetensors")
 
@@ -268,8 +305,9 @@ def test_no_leakage_smoke(smoke_worlds):
 # ----------------------------------------------------------- the real build
 
 
-@pytest.mark.skipif(not (REAL_WORLD / "manifest.json").is_file(),
-                    reason="the full mini world (data/mini/0) is not built")
+@pytest.mark.skipif(
+    not (REAL_WORLD / "manifest.json").is_file(), reason="the full mini world (data/mini/0) is not built"
+)
 def test_no_leakage_real_build():
     """No evaluation fact (nor its entity) appears in any fuser-training record."""
     from fedrefine_lib.world.measure import leaked_entities

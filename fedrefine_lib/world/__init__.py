@@ -11,5 +11,15 @@ from .config import WorldConfig
 from .knowledge import DOMAINS, RELATIONS
 from .models import RECEIVER, SENDERS, mini_models
 
-__all__ = ["DOMAINS", "RECEIVER", "RELATIONS", "SENDERS", "World", "WorldConfig", "build_world",
-           "load_world", "mini_models", "world_dir"]
+__all__ = [
+    "DOMAINS",
+    "RECEIVER",
+    "RELATIONS",
+    "SENDERS",
+    "World",
+    "WorldConfig",
+    "build_world",
+    "load_world",
+    "mini_models",
+    "world_dir",
+]

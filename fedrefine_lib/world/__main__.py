@@ -1,6 +1,6 @@
 """Build (or load) the mini world and measure it.
 
-    python -m fedrefine_lib.world --seed 0 [--smoke] [--out results/mini/world.json]
+python -m fedrefine_lib.world --seed 0 [--smoke] [--out results/mini/world.json]
 """
 
 from __future__ import annotations
@@ -28,8 +28,13 @@ def main() -> None:
     world = build_world(args.seed, WorldConfig.smoke() if args.smoke else None, args.root, force=args.force)
     if not args.no_measure:
         report = measure_world(world, args.out)
-        print(json.dumps({k: report[k] for k in ("standalone", "oracle", "rephrase", "leaked_eval_entities")},
-                         indent=1, default=str)[:20000])
+        print(
+            json.dumps(
+                {k: report[k] for k in ("standalone", "oracle", "rephrase", "leaked_eval_entities")},
+                indent=1,
+                default=str,
+            )[:20000]
+        )
 
 
 if __name__ == "__main__":

@@ -121,13 +121,20 @@ def load_world(path: str | Path) -> World:
     path = Path(path)
     manifest_path = path / "manifest.json"
     if not manifest_path.is_file():
-        raise FileNotFoundError(f"{path} holds no finished mini world (no manifest.json); "
-                                "run fedrefine_lib.world.build_world(seed) to build it.")
+        raise FileNotFoundError(
+            f"{path} holds no finished mini world (no manifest.json); "
+            "run fedrefine_lib.world.build_world(seed) to build it."
+        )
     return World(path, json.loads(manifest_path.read_text()))
 
 
-def build_world(seed: int = 0, config: WorldConfig | None = None, root: str | Path = "data/mini",
-                progress: bool = True, force: bool = False) -> World:
+def build_world(
+    seed: int = 0,
+    config: WorldConfig | None = None,
+    root: str | Path = "data/mini",
+    progress: bool = True,
+    force: bool = False,
+) -> World:
     """Build the ``mini`` world for ``seed`` (or load it from the cache).
 
     Args:
@@ -150,10 +157,8 @@ def build_world(seed: int = 0, config: WorldConfig | None = None, root: str | Pa
     t0 = time.time()
     knowledge = make_knowledge(seed, config.entities)
     write_jsonl([f.to_dict() for f in knowledge.facts], out / "facts.jsonl")
-    write_jsonl(chat_records(knowledge, seed, config.chat_variants, config.filler_records),
-                out / "chat_train.jsonl")
-    write_jsonl(mcq_items(knowledge.select(splits=("val",)), seed, "val", every_template=True),
-                out / "mcq_val.jsonl")
+    write_jsonl(chat_records(knowledge, seed, config.chat_variants, config.filler_records), out / "chat_train.jsonl")
+    write_jsonl(mcq_items(knowledge.select(splits=("val",)), seed, "val", every_template=True), out / "mcq_val.jsonl")
     write_jsonl(mcq_items(knowledge.select(splits=("eval",)), seed, "test"), out / "mcq_test.jsonl")
     texts, prompts = tokenizer_texts(knowledge, config, seed)
     for family, size in (("qwen", config.qwen_vocab), ("llama", config.llama_vocab)):
@@ -170,18 +175,24 @@ def build_world(seed: int = 0, config: WorldConfig | None = None, root: str | Pa
         "knows": {n: list(s.domains) for n, s in specs.items()},
         "models": {n: _model_info(specs[n], out / "models" / n, logs[n]) for n in specs},
         "files": {f: sha256_file(out / f) for f in DATA_FILES},
-        "counts": {"facts": len(knowledge.facts),
-                   "chat_train": _count_lines(out / "chat_train.jsonl"),
-                   "mcq_val": _count_lines(out / "mcq_val.jsonl"),
-                   "mcq_test": _count_lines(out / "mcq_test.jsonl")},
-        "seconds": {"data_and_tokenizers": round(data_seconds, 1),
-                    "models": {n: logs[n]["seconds"] for n in specs},
-                    "total": round(time.time() - t0, 1)},
+        "counts": {
+            "facts": len(knowledge.facts),
+            "chat_train": _count_lines(out / "chat_train.jsonl"),
+            "mcq_val": _count_lines(out / "mcq_val.jsonl"),
+            "mcq_test": _count_lines(out / "mcq_test.jsonl"),
+        },
+        "seconds": {
+            "data_and_tokenizers": round(data_seconds, 1),
+            "models": {n: logs[n]["seconds"] for n in specs},
+            "total": round(time.time() - t0, 1),
+        },
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
     if progress:
-        print(f"mini world (seed {seed}) built in {manifest['seconds']['total']:.0f} s at {out}; "
-              + ", ".join(f"{n} {s:.0f} s" for n, s in manifest["seconds"]["models"].items()))
+        print(
+            f"mini world (seed {seed}) built in {manifest['seconds']['total']:.0f} s at {out}; "
+            + ", ".join(f"{n} {s:.0f} s" for n, s in manifest["seconds"]["models"].items())
+        )
     return World(out, manifest)
 
 
@@ -191,14 +202,25 @@ def _count_lines(path: Path) -> int:
 
 def _model_info(spec, path: Path, log: dict) -> dict:
     config = json.loads((path / "config.json").read_text())
-    return {"architecture": config["architectures"][0], "tokenizer": spec.tokenizer,
-            "domains": list(spec.domains), "parameters": log["parameters"],
-            "layers": spec.layers, "hidden": spec.hidden, "heads": spec.heads,
-            "kv_heads": spec.kv_heads, "head_dim": spec.head_dim, "vocab_size": config["vocab_size"],
-            "paper_model": spec.paper_id, "steps": log["steps"], "early_stopped": log["early_stopped"],
-            "restored_step": log.get("restored_step"),
-            "seconds": log["seconds"], "final": log["final"],
-            "weights_sha256": sha256_file(path / "model.safetensors")}
+    return {
+        "architecture": config["architectures"][0],
+        "tokenizer": spec.tokenizer,
+        "domains": list(spec.domains),
+        "parameters": log["parameters"],
+        "layers": spec.layers,
+        "hidden": spec.hidden,
+        "heads": spec.heads,
+        "kv_heads": spec.kv_heads,
+        "head_dim": spec.head_dim,
+        "vocab_size": config["vocab_size"],
+        "paper_model": spec.paper_id,
+        "steps": log["steps"],
+        "early_stopped": log["early_stopped"],
+        "restored_step": log.get("restored_step"),
+        "seconds": log["seconds"],
+        "final": log["final"],
+        "weights_sha256": sha256_file(path / "model.safetensors"),
+    }
 
 
 def _pretrain_all(seed: int, config: WorldConfig, out: Path, progress: bool) -> dict[str, dict]:
@@ -207,12 +229,25 @@ def _pretrain_all(seed: int, config: WorldConfig, out: Path, progress: bool) -> 
     last and longest), then by step cap x width x depth x domains known. The order only
     schedules the work; every model's weights are the same in any order."""
     specs = mini_models(config.model_scale)
-    order = sorted(specs, key=lambda n: (n not in config.note_accuracy, -config.max_steps[n] * specs[n].hidden
-                                         * specs[n].layers * len(specs[n].domains)))
-    jobs = {n: dict(name=n, seed=seed, config=config.to_dict(),
-                    tokenizer_dir=str(out / "tokenizers" / specs[n].tokenizer),
-                    out_dir=str(out / "models" / n), position=i % max(1, config.workers),
-                    progress=progress) for i, n in enumerate(order)}
+    order = sorted(
+        specs,
+        key=lambda n: (
+            n not in config.note_accuracy,
+            -config.max_steps[n] * specs[n].hidden * specs[n].layers * len(specs[n].domains),
+        ),
+    )
+    jobs = {
+        n: dict(
+            name=n,
+            seed=seed,
+            config=config.to_dict(),
+            tokenizer_dir=str(out / "tokenizers" / specs[n].tokenizer),
+            out_dir=str(out / "models" / n),
+            position=i % max(1, config.workers),
+            progress=progress,
+        )
+        for i, n in enumerate(order)
+    }
     if config.workers <= 1:
         import torch
 

@@ -55,9 +55,15 @@ class WorldConfig:
     qwen_vocab: int = 2200
     llama_vocab: int = 1000
     model_scale: str = "full"
-    max_steps: dict[str, int] = field(default_factory=lambda: {
-        "mini-qwen3-0.6b": 3000, "mini-qwen2.5-0.5b": 3000, "mini-qwen2.5-coder-0.5b": 3000,
-        "mini-qwen2.5-1.5b": 3500, "mini-llama3.2-1b": 3500})
+    max_steps: dict[str, int] = field(
+        default_factory=lambda: {
+            "mini-qwen3-0.6b": 3000,
+            "mini-qwen2.5-0.5b": 3000,
+            "mini-qwen2.5-coder-0.5b": 3000,
+            "mini-qwen2.5-1.5b": 3500,
+            "mini-llama3.2-1b": 3500,
+        }
+    )
     min_steps: int = 200
     eval_every: int = 100
     patience: int = 6
@@ -65,8 +71,9 @@ class WorldConfig:
     note_accuracy: dict[str, float] = field(default_factory=lambda: {"mini-qwen3-0.6b": 0.95})
     batch_size: int = 32
     lr: float = 3e-3
-    lr_overrides: dict[str, float] = field(default_factory=lambda: {"mini-qwen2.5-1.5b": 1e-3,
-                                                                       "mini-llama3.2-1b": 2e-3})
+    lr_overrides: dict[str, float] = field(
+        default_factory=lambda: {"mini-qwen2.5-1.5b": 1e-3, "mini-llama3.2-1b": 2e-3}
+    )
     warmup_steps: int = 100
     weight_decay: float = 0.01
     beta2: float = 0.98
@@ -85,22 +92,45 @@ class WorldConfig:
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.ema_decay < 1.0:
-            raise ValueError(f"WorldConfig.ema_decay={self.ema_decay}: use a decay in [0, 1) "
-                             "(0 keeps the raw weights; 0.99 averages over about 100 steps).")
+            raise ValueError(
+                f"WorldConfig.ema_decay={self.ema_decay}: use a decay in [0, 1) "
+                "(0 keeps the raw weights; 0.99 averages over about 100 steps)."
+            )
         if self.phase2_lr_scale < 0.0:
-            raise ValueError(f"WorldConfig.phase2_lr_scale={self.phase2_lr_scale}: use a factor >= 0 "
-                             "on the learning rate (1 keeps it unchanged in phase 2).")
+            raise ValueError(
+                f"WorldConfig.phase2_lr_scale={self.phase2_lr_scale}: use a factor >= 0 "
+                "on the learning rate (1 keeps it unchanged in phase 2)."
+            )
 
     @classmethod
-    def smoke(cls) -> "WorldConfig":
+    def smoke(cls) -> WorldConfig:
         """A tiny world that builds in well under a minute (tests, CI)."""
-        names = ("mini-qwen3-0.6b", "mini-qwen2.5-0.5b", "mini-qwen2.5-coder-0.5b",
-                 "mini-qwen2.5-1.5b", "mini-llama3.2-1b")
-        return cls(entities={"train": 3, "val": 2, "eval": 3, "pool": 2}, qwen_vocab=600,
-                   llama_vocab=450, model_scale="smoke", max_steps={n: 12 for n in names},
-                   min_steps=12, eval_every=6, batch_size=16, warmup_steps=4, phase1_accuracy=0.0, ema_decay=0.5,
-                   note_examples=20, rephrase_examples=10, filler_examples=5, copy_examples=10,
-                   chat_variants=1, filler_records=5)
+        names = (
+            "mini-qwen3-0.6b",
+            "mini-qwen2.5-0.5b",
+            "mini-qwen2.5-coder-0.5b",
+            "mini-qwen2.5-1.5b",
+            "mini-llama3.2-1b",
+        )
+        return cls(
+            entities={"train": 3, "val": 2, "eval": 3, "pool": 2},
+            qwen_vocab=600,
+            llama_vocab=450,
+            model_scale="smoke",
+            max_steps={n: 12 for n in names},
+            min_steps=12,
+            eval_every=6,
+            batch_size=16,
+            warmup_steps=4,
+            phase1_accuracy=0.0,
+            ema_decay=0.5,
+            note_examples=20,
+            rephrase_examples=10,
+            filler_examples=5,
+            copy_examples=10,
+            chat_variants=1,
+            filler_records=5,
+        )
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -38,9 +38,17 @@ from .templates import QUESTIONS, STATEMENTS, question, statement
 STATEMENTS_PER_DOC = 3
 
 
-def pretraining_examples(knowledge: Knowledge, domains: list[str], *, rephrase: bool,
-                         config: WorldConfig, seed: int, model: str, epoch: int,
-                         phase: int = 2) -> list[Example]:
+def pretraining_examples(
+    knowledge: Knowledge,
+    domains: list[str],
+    *,
+    rephrase: bool,
+    config: WorldConfig,
+    seed: int,
+    model: str,
+    epoch: int,
+    phase: int = 2,
+) -> list[Example]:
     """One epoch of a model's pretraining examples, shuffled deterministically.
 
     Phase 1 holds only the knowledge (statements, MCQ and background of the known
@@ -52,8 +60,7 @@ def pretraining_examples(knowledge: Knowledge, domains: list[str], *, rephrase: 
     known = knowledge.select(domains=domains, splits=("train", "val", "eval"))
     pairs = [(f, t) for f in known for t in range(len(STATEMENTS))] * config.statement_passes
     rng.shuffle(pairs)
-    examples = [statement_doc(pairs[i:i + STATEMENTS_PER_DOC])
-                for i in range(0, len(pairs), STATEMENTS_PER_DOC)]
+    examples = [statement_doc(pairs[i : i + STATEMENTS_PER_DOC]) for i in range(0, len(pairs), STATEMENTS_PER_DOC)]
     qa = knowledge.select(domains=domains, splits=("train",))
     examples += [mcq_example(f, rng) for f in qa]
     examples += [background_example(f, rng) for f in qa]
@@ -68,8 +75,7 @@ def pretraining_examples(knowledge: Knowledge, domains: list[str], *, rephrase: 
         examples.append(note_example(picked[0], others[:n_others], rng))
     if rephrase:
         rephrasable = knowledge.select(splits=("train", "val", "eval", "pool"))
-        examples += [rephrase_example(rng.choice(rephrasable), rng)
-                     for _ in range(config.rephrase_examples)]
+        examples += [rephrase_example(rng.choice(rephrasable), rng) for _ in range(config.rephrase_examples)]
     names = knowledge.all_entities
     examples += [copy_example(rng.choice(names)) for _ in range(config.copy_examples)]
     examples += [filler_example(rng) for _ in range(config.filler_examples)]
@@ -94,8 +100,9 @@ def tokenizer_texts(knowledge: Knowledge, config: WorldConfig, seed: int) -> tup
     texts += sorted({f.value for f in knowledge.facts}) * 20  # values open MCQ answers
     prompts = [question(f.entity, f.relation, t) for f in knowledge.facts for t in range(len(QUESTIONS))]
     domains = sorted({f.domain for f in knowledge.facts})
-    for ex in pretraining_examples(knowledge, domains, rephrase=True, config=config, seed=seed,
-                                   model="tokenizer", epoch=0):
+    for ex in pretraining_examples(
+        knowledge, domains, rephrase=True, config=config, seed=seed, model="tokenizer", epoch=0
+    ):
         if ex.text is not None:
             texts.append(ex.text)
         else:

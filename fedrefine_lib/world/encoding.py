@@ -40,8 +40,9 @@ def encode(example: Example, tok, family: str) -> Encoded:
     return Encoded(tuple(p_ids + a_ids), tuple([-100] * len(p_ids) + a_ids))
 
 
-def batches(encoded: list[Encoded], batch_size: int, pad_id: int, rng: random.Random,
-            bucket: int = 50) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+def batches(
+    encoded: list[Encoded], batch_size: int, pad_id: int, rng: random.Random, bucket: int = 50
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Length-bucketed, right-padded batches in a deterministic shuffled order.
 
     Returns:
@@ -52,8 +53,8 @@ def batches(encoded: list[Encoded], batch_size: int, pad_id: int, rng: random.Ra
     chunk = batch_size * bucket
     groups: list[list[int]] = []
     for start in range(0, len(order), chunk):
-        part = sorted(order[start:start + chunk], key=lambda i: len(encoded[i].ids))
-        groups += [part[j:j + batch_size] for j in range(0, len(part), batch_size)]
+        part = sorted(order[start : start + chunk], key=lambda i: len(encoded[i].ids))
+        groups += [part[j : j + batch_size] for j in range(0, len(part), batch_size)]
     rng.shuffle(groups)
     out = []
     for group in groups:

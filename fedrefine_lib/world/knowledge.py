@@ -31,8 +31,16 @@ RELATIONS: dict[str, dict[str, tuple[str, ...]]] = {
         "language": ("python", "rust", "java", "haskell", "fortran", "cobol", "lisp", "ruby"),
         "license": ("mit", "gpl", "apache", "bsd", "mozilla", "zlib", "isc", "unlicense"),
         "platform": ("linux", "windows", "android", "ios", "web", "embedded", "cloud", "mainframe"),
-        "paradigm": ("functional", "procedural", "reactive", "declarative", "imperative",
-                     "logical", "concurrent", "generic"),
+        "paradigm": (
+            "functional",
+            "procedural",
+            "reactive",
+            "declarative",
+            "imperative",
+            "logical",
+            "concurrent",
+            "generic",
+        ),
     },
     "biology": {
         "habitat": ("forest", "desert", "ocean", "swamp", "tundra", "cave", "river", "meadow"),
@@ -43,26 +51,56 @@ RELATIONS: dict[str, dict[str, tuple[str, ...]]] = {
     "geography": {
         "climate": ("arid", "tropical", "polar", "temperate", "humid", "alpine", "monsoon", "mild"),
         "export": ("copper", "wheat", "silk", "timber", "coffee", "salt", "wool", "tin"),
-        "terrain": ("mountains", "plains", "islands", "valleys", "plateaus", "dunes",
-                    "marshes", "canyons"),
-        "sport": ("football", "cricket", "rowing", "archery", "fencing", "skiing", "surfing",
-                  "wrestling"),
+        "terrain": ("mountains", "plains", "islands", "valleys", "plateaus", "dunes", "marshes", "canyons"),
+        "sport": ("football", "cricket", "rowing", "archery", "fencing", "skiing", "surfing", "wrestling"),
     },
     "physics": {
-        "field": ("magnetic", "electric", "gravitational", "nuclear", "thermal", "optical",
-                  "acoustic", "quantum"),
-        "symmetry": ("cubic", "spherical", "helical", "radial", "mirrored", "toroidal", "chiral",
-                     "lattice"),
+        "field": ("magnetic", "electric", "gravitational", "nuclear", "thermal", "optical", "acoustic", "quantum"),
+        "symmetry": ("cubic", "spherical", "helical", "radial", "mirrored", "toroidal", "chiral", "lattice"),
         "decay": ("photon", "neutrino", "electron", "muon", "pion", "kaon", "proton", "neutron"),
-        "detector": ("bolometer", "calorimeter", "scintillator", "interferometer", "spectrometer",
-                     "magnetometer", "photodiode", "antenna"),
+        "detector": (
+            "bolometer",
+            "calorimeter",
+            "scintillator",
+            "interferometer",
+            "spectrometer",
+            "magnetometer",
+            "photodiode",
+            "antenna",
+        ),
     },
 }
 DOMAINS: tuple[str, ...] = tuple(RELATIONS)
 SPLITS: tuple[str, ...] = ("train", "val", "eval", "pool")
 
-_ONSETS = ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr",
-           "gr", "kr", "pl", "st", "tr", "sk", "th", "sh", "ch", "qu")
+_ONSETS = (
+    "b",
+    "d",
+    "f",
+    "g",
+    "k",
+    "l",
+    "m",
+    "n",
+    "p",
+    "r",
+    "s",
+    "t",
+    "v",
+    "z",
+    "br",
+    "dr",
+    "gr",
+    "kr",
+    "pl",
+    "st",
+    "tr",
+    "sk",
+    "th",
+    "sh",
+    "ch",
+    "qu",
+)
 _VOWELS = ("a", "e", "i", "o", "u", "ai", "ou", "ea")
 _CODAS = ("", "", "", "n", "r", "l", "x", "s", "m", "k", "th")
 
@@ -88,11 +126,13 @@ class Knowledge:
 
     facts: tuple[Fact, ...]
 
-    def select(self, *, domains: tuple[str, ...] | list[str] | None = None,
-               splits: tuple[str, ...] | list[str] | None = None) -> list[Fact]:
+    def select(
+        self, *, domains: tuple[str, ...] | list[str] | None = None, splits: tuple[str, ...] | list[str] | None = None
+    ) -> list[Fact]:
         """Facts whose domain and split are in the given sets (``None`` = all)."""
-        return [f for f in self.facts
-                if (domains is None or f.domain in domains) and (splits is None or f.split in splits)]
+        return [
+            f for f in self.facts if (domains is None or f.domain in domains) and (splits is None or f.split in splits)
+        ]
 
     def entities(self, *, domains=None, splits=None) -> list[str]:
         """Distinct entities (first-seen order) of the selected facts."""
@@ -118,8 +158,7 @@ def invent_names(rng: random.Random, n: int, forbidden: set[str]) -> list[str]:
     return names
 
 
-def make_knowledge(seed: int, entities_per_split: dict[str, int],
-                   forbidden_words: set[str] = frozenset()) -> Knowledge:
+def make_knowledge(seed: int, entities_per_split: dict[str, int], forbidden_words: set[str] = frozenset()) -> Knowledge:
     """Invent entities for every (domain, split) and draw a value for each relation.
 
     Args:
@@ -142,6 +181,5 @@ def make_knowledge(seed: int, entities_per_split: dict[str, int],
                 entity = next(names)
                 for relation, values in RELATIONS[domain].items():
                     value = rng.choice(values)
-                    facts.append(Fact(f"{domain}/{entity}/{relation}", domain, split, entity,
-                                      relation, value))
+                    facts.append(Fact(f"{domain}/{entity}/{relation}", domain, split, entity, relation, value))
     return Knowledge(tuple(facts))

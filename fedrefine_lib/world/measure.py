@@ -20,12 +20,12 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from ..data import background_messages, context_note, load_chat_records, load_mcq, rephrase_messages
+from ..decode import generate
+from ..engine import Standalone
 from ..evaluate import Accuracy, accuracy, score_mcq
-from ..federation import Standalone, generate
-from ..results import to_jsonable
 from ..models import LoadedModel, ModelSpec, load_model
+from ..results import to_jsonable
 from .build import World
-from .scoring import generate_answers
 from .templates import parse_question, parse_statement, statement
 
 
@@ -42,12 +42,13 @@ def _by_domain(items: list[dict], correct: list[bool]) -> dict[str, Accuracy]:
     return {**{d: accuracy(c) for d, c in sorted(groups.items())}, "all": accuracy(correct)}
 
 
-def _answers(loaded: LoadedModel, conversations: list[list[dict]], max_new_tokens: int = 24,
-             batch_size: int = 32) -> list[str]:
+def _answers(
+    loaded: LoadedModel, conversations: list[list[dict]], max_new_tokens: int = 24, batch_size: int = 32
+) -> list[str]:
     """Greedy answers of one model (the library's decoder), stripped."""
     out: list[str] = []
     for i in range(0, len(conversations), batch_size):
-        texts, _ = generate(Standalone(loaded), conversations[i:i + batch_size], max_new_tokens)
+        texts, _ = generate(Standalone(loaded), conversations[i : i + batch_size], max_new_tokens)
         out += [t.strip() for t in texts]
     return out
 
@@ -82,10 +83,15 @@ def background_correctness(loaded: LoadedModel, items: list[dict], facts: dict[s
     for it, text in zip(items, texts):
         fact, parsed = facts[it["fact_id"]], parse_statement(text)
         well_formed.append(parsed is not None)
-        correct.append(parsed is not None and (parsed.entity, parsed.relation, parsed.value)
-                       == (fact["entity"], fact["relation"], fact["value"]))
-    return {**_by_domain(items, correct), "well_formed": sum(well_formed) / max(1, len(well_formed)),
-            "examples": [{"question": it["question_stem"], "background": t} for it, t in list(zip(items, texts))[:3]]}
+        correct.append(
+            parsed is not None
+            and (parsed.entity, parsed.relation, parsed.value) == (fact["entity"], fact["relation"], fact["value"])
+        )
+    return {
+        **_by_domain(items, correct),
+        "well_formed": sum(well_formed) / max(1, len(well_formed)),
+        "examples": [{"question": it["question_stem"], "background": t} for it, t in list(zip(items, texts))[:3]],
+    }
 
 
 def rephrase_fidelity(loaded: LoadedModel, items: list[dict]) -> dict:
@@ -96,8 +102,11 @@ def rephrase_fidelity(loaded: LoadedModel, items: list[dict]) -> dict:
         parsed = parse_question(text)
         keeps.append(parsed is not None and (parsed.entity, parsed.relation) == (it["entity"], it["relation"]))
         changed.append(text.strip() != it["question_stem"].strip())
-    return {**_by_domain(items, keeps), "changed_wording": sum(changed) / max(1, len(changed)),
-            "examples": [{"question": it["question_stem"], "rephrased": t} for it, t in list(zip(items, texts))[:3]]}
+    return {
+        **_by_domain(items, keeps),
+        "changed_wording": sum(changed) / max(1, len(changed)),
+        "examples": [{"question": it["question_stem"], "rephrased": t} for it, t in list(zip(items, texts))[:3]],
+    }
 
 
 def _fact(row: dict):
@@ -106,22 +115,45 @@ def _fact(row: dict):
     return Fact(**row)
 
 
-def measure_world(world: World, out_path: str | Path | None = None, progress: bool = True,
-                  limit: int | None = None) -> dict:
+def measure_world(
+    world: World, out_path: str | Path | None = None, progress: bool = True, limit: int | None = None
+) -> dict:
     """All acceptance numbers of ``world`` (accuracies as ``evaluate.Accuracy``); written as
     JSON to ``out_path`` if given. ``limit``: score only the first held-out questions."""
     t0 = time.time()
     items = load_mcq(world.mcq_test_path)[:limit]
     facts = {f["fact_id"]: f for f in world.facts()}
-    report: dict = {"seed": world.seed, "root": str(world.root), "config_hash": world.manifest["config_hash"],
-                    "scoring": "option log-likelihood after the chat-template prompt (evaluate.score_mcq)",
-                    "models": {}, "standalone": {}, "background": {}, "build_seconds": world.manifest["seconds"],
-                    "counts": world.manifest["counts"]}
+    report: dict = {
+        "seed": world.seed,
+        "root": str(world.root),
+        "config_hash": world.manifest["config_hash"],
+        "scoring": "option log-likelihood after the chat-template prompt (evaluate.score_mcq)",
+        "models": {},
+        "standalone": {},
+        "background": {},
+        "build_seconds": world.manifest["seconds"],
+        "counts": world.manifest["counts"],
+    }
     for name in tqdm(world.models, desc="measure", disable=not progress):
         info = world.manifest["models"][name]
-        report["models"][name] = {k: info[k] for k in (
-            "architecture", "parameters", "layers", "hidden", "heads", "kv_heads", "head_dim",
-            "vocab_size", "tokenizer", "domains", "paper_model", "steps", "seconds")}
+        report["models"][name] = {
+            k: info[k]
+            for k in (
+                "architecture",
+                "parameters",
+                "layers",
+                "hidden",
+                "heads",
+                "kv_heads",
+                "head_dim",
+                "vocab_size",
+                "tokenizer",
+                "domains",
+                "paper_model",
+                "steps",
+                "seconds",
+            )
+        }
         loaded = load_world_model(world, name)
         report["standalone"][name] = standalone(loaded, items)
         if name == world.receiver:

@@ -45,7 +45,7 @@ def cloze_accuracy(model, tok, family: str, items: list[dict]) -> float:
     scores = continuation_logliks(model, tok.pad_token_id, pairs)
     hits = 0
     for i, it in enumerate(items):
-        ll = scores[4 * i:4 * i + 4]
+        ll = scores[4 * i : 4 * i + 4]
         hits += it["choices"]["label"][ll.index(max(ll))] == it["answerKey"]
     return hits / max(1, len(items))
 
@@ -59,16 +59,30 @@ def _as_loaded_from(out_dir: str, model, family_tok):
     model.config.save_pretrained(out)
     family_tok.save_pretrained(out)
     tok = AutoTokenizer.from_pretrained(out)
-    probe = family_tok.apply_chat_template([{"role": "user", "content": "Question: What is it?"}],
-                                           tokenize=False, add_generation_prompt=True) + "red. The x."
+    probe = (
+        family_tok.apply_chat_template(
+            [{"role": "user", "content": "Question: What is it?"}], tokenize=False, add_generation_prompt=True
+        )
+        + "red. The x."
+    )
     if tok(probe, add_special_tokens=False)["input_ids"] != family_tok(probe, add_special_tokens=False)["input_ids"]:
-        raise RuntimeError(f"AutoTokenizer loads {type(tok).__name__} from {out}, which encodes differently "
-                           f"from the trained {type(family_tok).__name__}; fix tokenization.train_tokenizer.")
+        raise RuntimeError(
+            f"AutoTokenizer loads {type(tok).__name__} from {out}, which encodes differently "
+            f"from the trained {type(family_tok).__name__}; fix tokenization.train_tokenizer."
+        )
     return tok
 
 
-def pretrain_model(name: str, seed: int, config: dict, tokenizer_dir: str, out_dir: str,
-                   position: int = 0, progress: bool = True, threads: int = 1) -> dict:
+def pretrain_model(
+    name: str,
+    seed: int,
+    config: dict,
+    tokenizer_dir: str,
+    out_dir: str,
+    position: int = 0,
+    progress: bool = True,
+    threads: int = 1,
+) -> dict:
     """Pretrain model ``name`` and save it (safetensors) with its tokenizer to ``out_dir``.
 
     The weights checked and saved are the moving average of the trained ones
@@ -89,26 +103,35 @@ def pretrain_model(name: str, seed: int, config: dict, tokenizer_dir: str, out_d
     family_tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     knowledge = make_knowledge(seed, cfg.entities)
     torch.manual_seed(model_seed(seed, name))
-    model = spec.build(len(family_tok), family_tok.pad_token_id,
-                       family_tok.convert_tokens_to_ids(fam.end_of_turn),
-                       family_tok.convert_tokens_to_ids(fam.bos) if fam.bos else None, cfg.tie_embeddings)
+    model = spec.build(
+        len(family_tok),
+        family_tok.pad_token_id,
+        family_tok.convert_tokens_to_ids(fam.end_of_turn),
+        family_tok.convert_tokens_to_ids(fam.bos) if fam.bos else None,
+        cfg.tie_embeddings,
+    )
     tok = _as_loaded_from(out_dir, model, family_tok)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr_overrides.get(name, cfg.lr), betas=(0.9, cfg.beta2),
-                            weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=cfg.lr_overrides.get(name, cfg.lr), betas=(0.9, cfg.beta2), weight_decay=cfg.weight_decay
+    )
     phase2_step: int | None = None
 
     def lr_factor(s: int) -> float:  # linear warm-up, then phase 2 at phase2_lr_scale
         return min(1.0, (s + 1) / cfg.warmup_steps) * (1.0 if phase2_step is None else cfg.phase2_lr_scale)
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
-    averaged = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
-                if cfg.ema_decay else None)
+    averaged = (
+        AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
+        if cfg.ema_decay
+        else None
+    )
     scored = model if averaged is None else averaged.module  # the weights checked and saved
     val_facts = knowledge.select(splits=("val",))
     val_items = mcq_items(val_facts, seed, "val")
     own = [it for it in val_items if it["domain"] in spec.domains]
-    own_every_template = [it for it in mcq_items(val_facts, seed, "val", every_template=True)
-                          if it["domain"] in spec.domains]  # the val file's own-domain items
+    own_every_template = [
+        it for it in mcq_items(val_facts, seed, "val", every_template=True) if it["domain"] in spec.domains
+    ]  # the val file's own-domain items
     notes = [context_note([statement(f)]) for f in val_facts]
     train_items = mcq_items(knowledge.select(domains=spec.domains, splits=("train",)), seed, "probe")[:48]
 
@@ -116,16 +139,24 @@ def pretrain_model(name: str, seed: int, config: dict, tokenizer_dir: str, out_d
     note_target = cfg.note_accuracy.get(name)
     history: list[dict] = []
     start, step, epoch, losses = time.time(), 0, 0, []
-    bar = tqdm(total=max_steps, desc=name, position=position, leave=True, disable=not progress,
-               dynamic_ncols=True)
+    bar = tqdm(total=max_steps, desc=name, position=position, leave=True, disable=not progress, dynamic_ncols=True)
     stopped, impatient, phase = False, False, 1
     best: tuple | None = None  # (note target met, own + note accuracy, step, weights): best phase-2 check
     while step < max_steps and not (stopped or impatient):
-        examples = pretraining_examples(knowledge, list(spec.domains), rephrase=spec.rephrase,
-                                        config=cfg, seed=seed, model=name, epoch=epoch, phase=phase)
+        examples = pretraining_examples(
+            knowledge,
+            list(spec.domains),
+            rephrase=spec.rephrase,
+            config=cfg,
+            seed=seed,
+            model=name,
+            epoch=epoch,
+            phase=phase,
+        )
         encoded = [encode(ex, tok, spec.tokenizer) for ex in examples]
-        for ids, mask, labels in batches(encoded, cfg.batch_size, tok.pad_token_id,
-                                         random.Random(f"batches-{seed}-{name}-{epoch}")):
+        for ids, mask, labels in batches(
+            encoded, cfg.batch_size, tok.pad_token_id, random.Random(f"batches-{seed}-{name}-{epoch}")
+        ):
             model.train()
             loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
             loss.backward()
@@ -139,20 +170,34 @@ def pretrain_model(name: str, seed: int, config: dict, tokenizer_dir: str, out_d
             step += 1
             bar.update(1)
             if step % cfg.eval_every == 0 or step == max_steps:
-                by_domain = {d: option_loglik_accuracy(scored, tok, [it for it in own_every_template
-                                                                    if it["domain"] == d])
-                             for d in spec.domains}
+                by_domain = {
+                    d: option_loglik_accuracy(scored, tok, [it for it in own_every_template if it["domain"] == d])
+                    for d in spec.domains
+                }
                 acc = min(by_domain.values())  # every known domain must be learnt
                 note_acc = option_loglik_accuracy(scored, tok, val_items, notes) if note_target else None
-                history.append(dict(step=step, epoch=epoch, phase=phase, loss=sum(losses) / len(losses),
-                                    val_accuracy=acc, val_by_domain=by_domain, val_note_accuracy=note_acc,
-                                    val_cloze=cloze_accuracy(scored, tok, spec.tokenizer, own),
-                                    train_accuracy=option_loglik_accuracy(scored, tok, train_items),
-                                    seconds=round(time.time() - start, 1)))
+                history.append(
+                    dict(
+                        step=step,
+                        epoch=epoch,
+                        phase=phase,
+                        loss=sum(losses) / len(losses),
+                        val_accuracy=acc,
+                        val_by_domain=by_domain,
+                        val_note_accuracy=note_acc,
+                        val_cloze=cloze_accuracy(scored, tok, spec.tokenizer, own),
+                        train_accuracy=option_loglik_accuracy(scored, tok, train_items),
+                        seconds=round(time.time() - start, 1),
+                    )
+                )
                 losses = []
-                bar.set_postfix(loss=f"{history[-1]['loss']:.3f}", val=f"{acc:.2f}",
-                                note="-" if note_acc is None else f"{note_acc:.2f}",
-                                cloze=f"{history[-1]['val_cloze']:.2f}", tr=f"{history[-1]['train_accuracy']:.2f}")
+                bar.set_postfix(
+                    loss=f"{history[-1]['loss']:.3f}",
+                    val=f"{acc:.2f}",
+                    note="-" if note_acc is None else f"{note_acc:.2f}",
+                    cloze=f"{history[-1]['val_cloze']:.2f}",
+                    tr=f"{history[-1]['train_accuracy']:.2f}",
+                )
                 if phase == 1 and acc >= cfg.phase1_accuracy:
                     phase, phase2_step = 2, step
                     for group, base in zip(opt.param_groups, sched.base_lrs):  # from the next step on
@@ -160,8 +205,12 @@ def pretrain_model(name: str, seed: int, config: dict, tokenizer_dir: str, out_d
                     break  # regenerate the epoch with every task
                 note_ok = note_target is None or note_acc >= note_target
                 if phase == 2 and (best is None or (note_ok, acc + (note_acc or 0.0)) > best[:2]):
-                    best = (note_ok, acc + (note_acc or 0.0), step,
-                            {k: v.detach().clone() for k, v in scored.state_dict().items()})
+                    best = (
+                        note_ok,
+                        acc + (note_acc or 0.0),
+                        step,
+                        {k: v.detach().clone() for k, v in scored.state_dict().items()},
+                    )
                 stopped = phase == 2 and step >= cfg.min_steps and acc >= cfg.stop_accuracy and note_ok
                 impatient = phase == 2 and step - best[2] >= cfg.patience * cfg.eval_every
             if stopped or impatient or step >= max_steps:
@@ -179,10 +228,17 @@ def pretrain_model(name: str, seed: int, config: dict, tokenizer_dir: str, out_d
     scored.generation_config.pad_token_id = tok.pad_token_id
     scored.save_pretrained(out)
     tok.save_pretrained(out)
-    log = dict(model=name, steps=step, epochs=epoch, early_stopped=stopped, phase2_step=phase2_step,
-               restored_step=restored_step, seconds=round(seconds, 1),
-               final=next((h for h in history if h["step"] == restored_step), history[-1] if history else {}),
-               history=history,
-               parameters=sum(p.numel() for p in scored.parameters()))
+    log = dict(
+        model=name,
+        steps=step,
+        epochs=epoch,
+        early_stopped=stopped,
+        phase2_step=phase2_step,
+        restored_step=restored_step,
+        seconds=round(seconds, 1),
+        final=next((h for h in history if h["step"] == restored_step), history[-1] if history else {}),
+        history=history,
+        parameters=sum(p.numel() for p in scored.parameters()),
+    )
     (out / "pretrain_log.json").write_text(json.dumps(log, indent=1))
     return log

@@ -24,7 +24,9 @@ def mcq_items(facts: list[Fact], seed: int, split: str, every_template: bool = F
     rng = random.Random(f"mcq-{split}-{seed}")
     if not every_template:
         return [mcq_item(f, rng, f"{split}-{i:04d}") for i, f in enumerate(facts)]
-    return [mcq_item(f, rng, f"{split}-{i:04d}-{t}", template=t) for i, f in enumerate(facts) for t in range(len(QUESTIONS))]
+    return [
+        mcq_item(f, rng, f"{split}-{i:04d}-{t}", template=t) for i, f in enumerate(facts) for t in range(len(QUESTIONS))
+    ]
 
 
 def chat_records(knowledge: Knowledge, seed: int, variants: int, filler: int) -> list[dict]:
@@ -36,15 +38,25 @@ def chat_records(knowledge: Knowledge, seed: int, variants: int, filler: int) ->
         for v in range(variants):
             item = mcq_item(fact, rng, f"{fact.fact_id}#{v}")
             meta = dict(domain=fact.domain, kind="mcq", fact_id=fact.fact_id)
-            rows.append(to_chat_record(
-                mcq_messages(item) + [{"role": "assistant", "content": fact.value}], **meta))
+            rows.append(to_chat_record(mcq_messages(item) + [{"role": "assistant", "content": fact.value}], **meta))
             ex = background_example(fact, rng)
-            rows.append(to_chat_record(
-                list(ex.messages) + [{"role": "assistant", "content": ex.answer}],
-                domain=fact.domain, kind="background", fact_id=fact.fact_id))
+            rows.append(
+                to_chat_record(
+                    list(ex.messages) + [{"role": "assistant", "content": ex.answer}],
+                    domain=fact.domain,
+                    kind="background",
+                    fact_id=fact.fact_id,
+                )
+            )
     for _ in range(filler):
         ex = filler_example(rng)
-        rows.append(to_chat_record(list(ex.messages) + [{"role": "assistant", "content": ex.answer}],
-                                   domain="general", kind="filler", fact_id=None))
+        rows.append(
+            to_chat_record(
+                list(ex.messages) + [{"role": "assistant", "content": ex.answer}],
+                domain="general",
+                kind="filler",
+                fact_id=None,
+            )
+        )
     rng.shuffle(rows)
     return rows

@@ -35,10 +35,16 @@ def mcq_item(fact: Fact, rng: random.Random, item_id: str, template: int | None 
     pos = rng.randrange(len(MCQ_LABELS))
     texts = distractors[:pos] + [fact.value] + distractors[pos:]
     t = rng.randrange(len(QUESTIONS)) if template is None else template
-    return {"id": item_id, "question_stem": question(fact.entity, fact.relation, t),
-            "choices": {"text": texts, "label": list(MCQ_LABELS)},
-            "answerKey": MCQ_LABELS[pos], "domain": fact.domain,
-            "fact_id": fact.fact_id, "entity": fact.entity, "relation": fact.relation}
+    return {
+        "id": item_id,
+        "question_stem": question(fact.entity, fact.relation, t),
+        "choices": {"text": texts, "label": list(MCQ_LABELS)},
+        "answerKey": MCQ_LABELS[pos],
+        "domain": fact.domain,
+        "fact_id": fact.fact_id,
+        "entity": fact.entity,
+        "relation": fact.relation,
+    }
 
 
 def statement_doc(pairs: list[tuple[Fact, int]]) -> Example:
@@ -50,8 +56,9 @@ def statement_doc(pairs: list[tuple[Fact, int]]) -> Example:
 def mcq_example(fact: Fact, rng: random.Random, note: str | None = None, kind: str = "mcq") -> Example:
     """The MCQ question for ``fact`` (optionally after a context note), answered by its value."""
     item = mcq_item(fact, rng, fact.fact_id)
-    return Example(kind, messages=tuple(mcq_messages(item, note)), answer=fact.value,
-                   domain=fact.domain, fact_id=fact.fact_id)
+    return Example(
+        kind, messages=tuple(mcq_messages(item, note)), answer=fact.value, domain=fact.domain, fact_id=fact.fact_id
+    )
 
 
 def note_example(fact: Fact, others: list[Fact], rng: random.Random) -> Example:
@@ -64,31 +71,61 @@ def note_example(fact: Fact, others: list[Fact], rng: random.Random) -> Example:
 def background_example(fact: Fact, rng: random.Random) -> Example:
     """Question (no options) -> one background sentence stating the fact."""
     stem = question(fact.entity, fact.relation, rng.randrange(len(QUESTIONS)))
-    return Example("background", messages=tuple(background_messages(stem)),
-                   answer=statement(fact, rng.randrange(len(STATEMENTS))),
-                   domain=fact.domain, fact_id=fact.fact_id)
+    return Example(
+        "background",
+        messages=tuple(background_messages(stem)),
+        answer=statement(fact, rng.randrange(len(STATEMENTS))),
+        domain=fact.domain,
+        fact_id=fact.fact_id,
+    )
 
 
 def rephrase_example(fact: Fact, rng: random.Random) -> Example:
     """Question in one template -> the same question (entity, relation) in another."""
     src, dst = rng.sample(range(len(QUESTIONS)), 2)
-    return Example("rephrase",
-                   messages=tuple(rephrase_messages(question(fact.entity, fact.relation, src))),
-                   answer=question(fact.entity, fact.relation, dst), domain=fact.domain,
-                   fact_id=fact.fact_id)
+    return Example(
+        "rephrase",
+        messages=tuple(rephrase_messages(question(fact.entity, fact.relation, src))),
+        answer=question(fact.entity, fact.relation, dst),
+        domain=fact.domain,
+        fact_id=fact.fact_id,
+    )
 
 
 def copy_example(entity: str) -> Example:
     """Repeat a name: trains the input-to-output identity of every entity token, which
     untied embeddings do not have for free (background and rephrasing copy names)."""
-    return Example("copy", messages=({"role": "user", "content": f"Repeat the name {entity}."},),
-                   answer=entity)
+    return Example("copy", messages=({"role": "user", "content": f"Repeat the name {entity}."},), answer=entity)
 
 
-_WORDS = ("apple", "river", "window", "garden", "yellow", "music", "paper", "cloud", "stone",
-          "bridge", "candle", "market", "letter", "silver", "forest", "pencil")
-_OPPOSITES = (("hot", "cold"), ("up", "down"), ("big", "small"), ("fast", "slow"),
-              ("early", "late"), ("open", "closed"), ("light", "dark"), ("old", "new"))
+_WORDS = (
+    "apple",
+    "river",
+    "window",
+    "garden",
+    "yellow",
+    "music",
+    "paper",
+    "cloud",
+    "stone",
+    "bridge",
+    "candle",
+    "market",
+    "letter",
+    "silver",
+    "forest",
+    "pencil",
+)
+_OPPOSITES = (
+    ("hot", "cold"),
+    ("up", "down"),
+    ("big", "small"),
+    ("fast", "slow"),
+    ("early", "late"),
+    ("open", "closed"),
+    ("light", "dark"),
+    ("old", "new"),
+)
 
 
 def filler_example(rng: random.Random) -> Example:

@@ -52,20 +52,41 @@ class Family:
 
 
 FAMILIES: dict[str, Family] = {
-    "qwen": Family("qwen", ("<|endoftext|>", "<|im_start|>", "<|im_end|>"), pad="<|endoftext|>",
-                   end_of_turn="<|im_end|>", doc_start=None, doc_end="<|endoftext|>", bos=None,
-                   template=QWEN_TEMPLATE, user_prefix="user\n", assistant_piece="assistant\n"),
-    "llama": Family("llama", ("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
-                              "<|end_header_id|>", "<|eot_id|>", "<|finetune_right_pad_id|>"),
-                    pad="<|finetune_right_pad_id|>", end_of_turn="<|eot_id|>",
-                    doc_start="<|begin_of_text|>", doc_end="<|end_of_text|>",
-                    bos="<|begin_of_text|>", template=LLAMA_TEMPLATE, user_prefix="\n\n",
-                    assistant_piece="assistant"),
+    "qwen": Family(
+        "qwen",
+        ("<|endoftext|>", "<|im_start|>", "<|im_end|>"),
+        pad="<|endoftext|>",
+        end_of_turn="<|im_end|>",
+        doc_start=None,
+        doc_end="<|endoftext|>",
+        bos=None,
+        template=QWEN_TEMPLATE,
+        user_prefix="user\n",
+        assistant_piece="assistant\n",
+    ),
+    "llama": Family(
+        "llama",
+        (
+            "<|begin_of_text|>",
+            "<|end_of_text|>",
+            "<|start_header_id|>",
+            "<|end_header_id|>",
+            "<|eot_id|>",
+            "<|finetune_right_pad_id|>",
+        ),
+        pad="<|finetune_right_pad_id|>",
+        end_of_turn="<|eot_id|>",
+        doc_start="<|begin_of_text|>",
+        doc_end="<|end_of_text|>",
+        bos="<|begin_of_text|>",
+        template=LLAMA_TEMPLATE,
+        user_prefix="\n\n",
+        assistant_piece="assistant",
+    ),
 }
 
 
-def train_tokenizer(family: str, texts: list[str], prompts: list[str],
-                    vocab_size: int) -> PreTrainedTokenizerFast:
+def train_tokenizer(family: str, texts: list[str], prompts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE of ``vocab_size``; wrap it with the family's special
     tokens and chat template. Deterministic for the same inputs.
 
@@ -79,25 +100,40 @@ def train_tokenizer(family: str, texts: list[str], prompts: list[str],
     tok = Tokenizer(models.BPE())
     if family == "qwen":
         tok.normalizer = normalizers.NFC()
-        tok.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
-            pre_tokenizers.ByteLevel(add_prefix_space=True, use_regex=False)])
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+                pre_tokenizers.ByteLevel(add_prefix_space=True, use_regex=False),
+            ]
+        )
     else:
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(fam.specials),
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False, min_frequency=2)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(fam.specials),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+        min_frequency=2,
+    )
     tok.train_from_iterator(texts, trainer)
     if family == "qwen":
         vocab = tok.get_vocab()
         merges = [tuple(m) for m in json.loads(tok.to_str())["model"]["merges"]]
-        fast = Qwen2Tokenizer(vocab=vocab, merges=merges, eos_token=fam.end_of_turn, pad_token=fam.pad,
-                              unk_token=None, model_max_length=512, add_prefix_space=True,
-                              clean_up_tokenization_spaces=True,
-                              extra_special_tokens=[t for t in fam.specials if t not in (fam.end_of_turn, fam.pad)])
+        fast = Qwen2Tokenizer(
+            vocab=vocab,
+            merges=merges,
+            eos_token=fam.end_of_turn,
+            pad_token=fam.pad,
+            unk_token=None,
+            model_max_length=512,
+            add_prefix_space=True,
+            clean_up_tokenization_spaces=True,
+            extra_special_tokens=[t for t in fam.specials if t not in (fam.end_of_turn, fam.pad)],
+        )
     else:
-        fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=fam.pad, eos_token=fam.end_of_turn,
-                                       bos_token=fam.bos, model_max_length=512)
+        fast = PreTrainedTokenizerFast(
+            tokenizer_object=tok, pad_token=fam.pad, eos_token=fam.end_of_turn, bos_token=fam.bos, model_max_length=512
+        )
     fast.chat_template = fam.template
     return fast

@@ -1,0 +1,71 @@
+"""What one call cost: wall-clock seconds per stage, bytes per link, token counts."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class Trace:
+    """What one call cost.
+
+    Attributes:
+        seconds: per stage (``tokenize``, ``alignment``, ``sender_prefill``,
+            ``receiver_prefill``, ``projection``, ``combine``, ``decode``, ...), wall-clock seconds.
+        bytes: per link (``"sender->receiver"``), bytes the transmitted payloads take on the wire.
+        tokens: counts (``prompt``, ``sender_prompt``, ``generated``), real tokens only.
+    """
+
+    seconds: dict[str, float] = field(default_factory=dict)
+    bytes: dict[str, int] = field(default_factory=dict)
+    tokens: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def total_seconds(self) -> float:
+        return sum(self.seconds.values())
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.bytes.values())
+
+    def add(self, other: Trace) -> Trace:
+        """Accumulate ``other`` into this trace (in place); returns self."""
+        for mine, theirs in ((self.seconds, other.seconds), (self.bytes, other.bytes), (self.tokens, other.tokens)):
+            for k, v in theirs.items():
+                mine[k] = mine.get(k, 0) + v
+        return self
+
+    def count(self, what: str, key: str, n: int) -> None:
+        """Add ``n`` to ``bytes`` (``what="bytes"``) or ``tokens`` (``what="tokens"``) under ``key``."""
+        table = {"bytes": self.bytes, "tokens": self.tokens}[what]
+        table[key] = table.get(key, 0) + n
+
+    @contextmanager
+    def time(self, stage: str) -> Iterator[None]:
+        """Add the wall-clock time of the ``with`` body to ``stage`` (synchronising CUDA)."""
+        _sync()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            _sync()
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
+
+    def to_dict(self) -> dict:
+        return {
+            "seconds": dict(self.seconds),
+            "total_seconds": self.total_seconds,
+            "bytes": dict(self.bytes),
+            "total_bytes": self.total_bytes,
+            "tokens": dict(self.tokens),
+        }
+
+
+def _sync() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
