@@ -125,7 +125,9 @@ def domain_lookup(items: Sequence[dict]) -> Callable[[Messages], str]:
 
 
 def prior_subsets(
-    results: Mapping[Sequence[str], Any], metric: Callable[[Sequence[bool]], float] | None = None
+    results: Mapping[Sequence[str], Any],
+    metric: Callable[[Sequence[bool]], float] | None = None,
+    sizes: Sequence[int] | None = None,
 ) -> dict[str, tuple[str, ...]]:
     """The paper's prior-knowledge selection: per domain, the sender subset with the best
     accuracy on the *validation* split.
@@ -133,12 +135,16 @@ def prior_subsets(
     Args:
         results: sender subset (tuple of names; ``()`` = receiver alone) -> its
             ``evaluate.McqResult`` on validation items (with ``domain``).
+        sizes: consider only subsets of these sizes (e.g. ``[1]``: route to one sender,
+            ``[2]``: the best two); None: every subset.
     Returns:
         ``{domain: subset}``; ties go to the smaller subset, then name order.
     """
     metric = metric or (lambda c: sum(c) / len(c))
     per_domain: dict[str, list[tuple[float, int, tuple[str, ...]]]] = {}
     for subset, result in results.items():
+        if sizes is not None and len(subset) not in sizes:
+            continue
         groups: dict[str, list[bool]] = {}
         for d, c in zip(result.domains, result.correct):
             groups.setdefault(str(d), []).append(bool(c))

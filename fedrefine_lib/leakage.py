@@ -172,6 +172,19 @@ def summarize_leakage(frame: pd.DataFrame) -> dict[str, float]:
     }
 
 
+def sent_leakage(
+    originals: Sequence[str], sent: Sequence[Sequence[str]], per_item_terms: Sequence[Sequence[str]]
+) -> dict[str, float]:
+    """:func:`summarize_leakage` over everything sent: ``sent[i][k]`` is what sender ``k``
+    received for item ``i`` (e.g. ``rephrase.Rephrasings.texts``), every (item, sender) pair
+    one row, ``per_item_terms[i]`` item ``i``'s private strings (e.g. the user's name)."""
+    if not (len(originals) == len(sent) == len(per_item_terms)):
+        raise ValueError(f"{len(originals)} originals, {len(sent)} rows sent, {len(per_item_terms)} term lists.")
+    rows = [(o, t, terms) for o, row, terms in zip(originals, sent, per_item_terms) for t in row]
+    frame = leakage_frame([r[0] for r in rows], [r[1] for r in rows], per_item_terms=[r[2] for r in rows])
+    return summarize_leakage(frame)
+
+
 # ----------------------------------------------------------------------- fidelity
 
 SameQuestion = Callable[[str, str], "bool | None"]

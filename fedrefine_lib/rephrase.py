@@ -219,6 +219,18 @@ def rephrase(
     return Rephrasings(stems, rows, mode, fallbacks), trace
 
 
+def rewrite_with(
+    rewrite: Callable[[str, int], str], stems: Sequence[str], n_senders: int = 1, mode: str = "rule"
+) -> Rephrasings:
+    """Rephrasings made by a rule instead of a model: ``rewrite(stem, sender)`` is what
+    sender ``sender`` is sent (e.g. the mini world's ``templates.template_swap``, a bound
+    that keeps everything but the wording)."""
+    if n_senders < 1:
+        raise ValueError(f"n_senders must be >= 1, got {n_senders}.")
+    stems = list(stems)
+    return Rephrasings(stems, [[rewrite(s, k) for k in range(n_senders)] for s in stems], mode)
+
+
 # --------------------------------------------------------------------- MCQ items
 
 

@@ -49,6 +49,14 @@ class Study:
             self._models[name] = load_model(self.profile.spec(name), cache_dir=self.data_dir / "converted")
         return self._models[name]
 
+    def largest_sender(self) -> str:
+        """The sender with the most parameters (loads the senders)."""
+        return max(self.senders, key=lambda name: self.model(name).model.num_parameters())
+
+    def has_data(self, key: str) -> bool:
+        """Whether the profile names a data source ``key`` under ``data:`` (e.g. ``mcq_pair_test``)."""
+        return key in self.settings.get("data", {})
+
     def _data_source(self, key: str) -> str:
         sources = self.settings.get("data", {})
         if key not in sources:

@@ -14,7 +14,7 @@ NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9]*.ipynb"))
 
 # notebook stem -> (metrics file name, dotted keys that must hold an accuracy record)
 EXPECTED = {
-    "00_world": ("world.json", ["oracle"]),
+    "00_world": ("world.json", ["oracle", "pair_oracle.all", "rephrase_fidelity.faithful_and_private"]),
     "01_c2c": (
         "c2c.json",
         [
@@ -28,9 +28,21 @@ EXPECTED = {
     "02_co_c2c": ("co_c2c.json", []),
     "03_fedrefine": (
         "fedrefine.json",
-        ["oracle", "policies.equal", "policies.prior", "policies.learned_gate", "policies.oracle_selection"],
+        [
+            "oracle",
+            "policies.equal",
+            "policies.prior",
+            "policies.learned_gate",
+            "policies.oracle_selection",
+            "two_device.oracle",
+            "two_device.policies.route to one (validation)",
+            "two_device.policies.best two (validation)",
+        ],
     ),
-    "04_case_study": ("case_study.json", ["oracle", "panel_a_selected"]),
+    "04_case_study": (
+        "case_study.json",
+        ["oracle", "panel_a_selected", "four_senders.KV-Rephrased", "four_senders.Token-TemplateSwap"],
+    ),
 }
 
 
@@ -108,6 +120,11 @@ def test_notebook_runs_with_smoke_parameters(path, tmp_path_factory):
         assert all(abs(sum(row.values()) - 1) < 1e-6 for row in metrics["gate_weights_by_domain"].values())
         assert metrics["parameters"]["gate_objective"] == "selection"
         assert all(0 <= v <= 1 for row in metrics["gate_targets_by_domain"].values() for v in row.values())
+    if path.stem == "04_case_study":  # the paper's privacy model: what reaches the senders
+        leaks = metrics["rephrase"]["leakage"]
+        assert leaks["original"]["private_survival"] == leaks["template swap"]["private_survival"] == 1.0
+        assert 0.0 <= leaks["rephrased"]["private_survival"] <= 1.0 and leaks["rephrased"]["n"] == 4 * 24
+        assert {r["sent"] for r in metrics["privacy_vs_accuracy"]} == {"original", "rephrased", "template swap"}
     if path.stem == "01_c2c":  # the cache probe: one accuracy per layer, sender and receiver
         probes = metrics["cache_probe_last_token"]
         assert len(probes) == 2 and all(0 <= a <= 1 for accs in probes.values() for a in accs)

@@ -96,6 +96,39 @@ def _toy_parse(text: str) -> _Q | None:
     return None
 
 
+def test_sent_leakage_pools_every_item_and_sender():
+    originals = ["My name is Vakor. What is the color of Zorb?", "I am Blix. Tell me the taste of Quen."]
+    sent = [
+        ["What is the color of Zorb?", "My name is Vakor. Which color does Zorb have?"],  # one of two leaks
+        ["Tell me the taste of Quen.", "Which taste does Quen have?"],  # none leaks
+    ]
+    out = lk.sent_leakage(originals, sent, [["Vakor"], ["Blix"]])
+    assert out["n"] == 4 and out["private_survival"] == pytest.approx(1 / 4) and out["verbatim"] == 0.0
+    everything = lk.sent_leakage(originals, [[o, o] for o in originals], [["Vakor"], ["Blix"]])
+    assert everything["private_survival"] == 1.0 and everything["verbatim"] == 1.0
+    with pytest.raises(ValueError, match="2 originals, 1 rows sent"):
+        lk.sent_leakage(originals, sent[:1], [["Vakor"], ["Blix"]])
+
+
+def test_rewrite_with_a_rule_and_the_template_swap_bound():
+    from fedrefine_lib.world.templates import parse_question, template_swap
+
+    stems = ["My name is Vakor. What is the color of Zorb?", "Tell me the taste of Quen."]
+    swap = rp.rewrite_with(template_swap, stems, n_senders=3, mode="template swap")
+    assert swap.n_senders == 3 and swap.mode == "template swap" and swap.distinct_fraction() == 1.0
+    for stem, row in zip(stems, swap.texts):
+        p = parse_question(stem)
+        for text in row:
+            q = parse_question(text)
+            assert (q.entity, q.relation, q.user) == (p.entity, p.relation, p.user) and q.template != p.template
+    assert lk.sent_leakage(stems, swap.texts, [["Vakor"], []])["private_survival"] == 1.0
+    views = rp.sender_views(swap, ["a", "b", "c"])
+    chat = [[{"role": "user", "content": f"Question: {stems[0]}\nA. red"}]]
+    assert views["b"](chat)[0][0]["content"] == f"Question: {swap.texts[0][1]}\nA. red"
+    with pytest.raises(ValueError, match="n_senders"):
+        rp.rewrite_with(template_swap, stems, n_senders=0)
+
+
 def test_structural_fidelity_hook():
     check = lk.same_parse(_toy_parse, ("entity", "relation"))
     assert check("What is the melting point of Zorblat?", "Zorblat has what melting point?") is True

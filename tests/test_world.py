@@ -17,8 +17,18 @@ import pytest
 from fedrefine_lib import data
 from fedrefine_lib.world import DOMAINS, RELATIONS, WorldConfig, build_world, load_world, mini_models
 from fedrefine_lib.world.knowledge import make_knowledge
-from fedrefine_lib.world.records import chat_records, mcq_items
-from fedrefine_lib.world.templates import QUESTIONS, STATEMENTS, parse_question, parse_statement, question, statement
+from fedrefine_lib.world.records import chat_records, mcq_items, pair_domains, pair_items
+from fedrefine_lib.world.templates import (
+    PRIVATE_PREFIXES,
+    QUESTIONS,
+    STATEMENTS,
+    parse_question,
+    parse_statement,
+    question,
+    rephrase_check,
+    split_private,
+    statement,
+)
 
 REAL_WORLD = Path(__file__).resolve().parent.parent / "data" / "mini" / "0"
 
@@ -28,27 +38,55 @@ REAL_WORLD = Path(__file__).resolve().parent.parent / "data" / "mini" / "0"
 
 def test_default_knowledge_sizes_and_splits():
     cfg = WorldConfig()
-    k = make_knowledge(0, cfg.entities)
-    items = mcq_items(k.select(splits=("eval",)), 0, "test")
+    k = make_knowledge(0, cfg.entities, cfg.users)
+    items = mcq_items(k.select(splits=("test",)), 0, "test", k.users)
     per_domain = collections.Counter(it["domain"] for it in items)
-    assert set(per_domain) == set(DOMAINS) and min(per_domain.values()) >= 100 and len(items) >= 500
-    by_split = {s: set(k.entities(splits=(s,))) for s in ("train", "val", "eval", "pool")}
+    assert set(per_domain) == set(DOMAINS) and min(per_domain.values()) >= 64 and len(items) >= 320
+    val = mcq_items(k.select(splits=("val",)), 0, "val", k.users)
+    assert len(val) >= len(items)  # validation carries every design decision
+    by_split = {s: set(k.entities(splits=(s,))) for s in ("train", "val", "test", "pool")}
     for a in by_split:
         for b in by_split:
             if a < b:
                 assert not by_split[a] & by_split[b], f"{a} and {b} share entities"
-    assert make_knowledge(0, cfg.entities) == k and make_knowledge(1, cfg.entities) != k
+    assert len(set(k.users)) == cfg.users and not set(k.users) & set(k.all_entities)
+    assert make_knowledge(0, cfg.entities, cfg.users) == k and make_knowledge(1, cfg.entities, cfg.users) != k
+    with pytest.raises(ValueError, match="'eval' to 'test'"):
+        make_knowledge(0, {"train": 1, "val": 1, "eval": 1, "pool": 1})
 
 
-def test_mcq_items_distractors_and_balance():
-    k = make_knowledge(0, WorldConfig().entities)
-    items = mcq_items(k.select(splits=("eval",)), 0, "test")
+def test_mcq_items_distractors_balance_and_private_prefix():
+    k = make_knowledge(0, WorldConfig().entities, 10)
+    items = mcq_items(k.select(splits=("test",)), 0, "test", k.users)
     for it in items:
         values = RELATIONS[it["domain"]][it["relation"]]
         assert set(it["choices"]["text"]) <= set(values) and len(set(it["choices"]["text"])) == 4
         data.validate_mcq(it)
+        parsed = parse_question(it["question_stem"])
+        assert (parsed.entity, parsed.relation, parsed.user) == (it["entity"], it["relation"], it["private"][0])
     keys = collections.Counter(it["answerKey"] for it in items)
     assert min(keys.values()) / len(items) > 0.18, keys
+    assert len({split_private(it["question_stem"])[1] == it["question_stem"] for it in items}) == 1  # all prefixed
+
+
+def test_pair_items_need_two_senders_and_one_fact_halves_the_options():
+    knows = {n: s.domains for n, s in mini_models().items()}
+    domains = pair_domains(knows, "mini-qwen3-0.6b")
+    assert ("biology", "physics") not in domains and all("science" not in p for p in domains) and len(domains) == 5
+    k = make_knowledge(0, WorldConfig().entities)
+    facts = {f.fact_id: f for f in k.facts}
+    items = pair_items(k, "test", 0, domains, 8)
+    assert len(items) == 8 * len(domains) and len({it["question_stem"] for it in items}) == len(items)
+    for it in items:
+        data.validate_mcq(it)
+        first, second = (facts[i] for i in it["fact_ids"])
+        assert first.split == second.split == "test" and it["domain"] in {f"{a}+{b}" for a, b in domains}
+        options = [t.split(" and ") for t in it["choices"]["text"]]
+        right = options[it["choices"]["label"].index(it["answerKey"])]
+        assert right == [first.value, second.value] and len({tuple(o) for o in options}) == 4
+        for part in (0, 1):  # knowing one fact leaves exactly two options
+            assert sum(o[part] == right[part] for o in options) == 2
+        assert it["fact1"] == f"{statement(first)} {statement(second)}"
 
 
 def test_templates_parse_back():
@@ -59,21 +97,65 @@ def test_templates_parse_back():
             assert (p.entity, p.relation, p.value, p.template) == (f.entity, f.relation, f.value, t)
         for t in range(len(QUESTIONS)):
             p = parse_question(question(f.entity, f.relation, t))
-            assert (p.entity, p.relation, p.template) == (f.entity, f.relation, t)
+            assert (p.entity, p.relation, p.template, p.user) == (f.entity, f.relation, t, None)
+            for k in range(len(PRIVATE_PREFIXES)):
+                p = parse_question(question(f.entity, f.relation, t, "Vakor", k))
+                assert (p.entity, p.relation, p.template, p.user) == (f.entity, f.relation, t, "Vakor")
     assert parse_statement("The color of Zorb is gas.") is None  # value of another relation
 
 
+def test_rephrase_check_crafted_cases():
+    q = "My name is Vakor. What is the color of Zorb?"
+    assert rephrase_check(q, "Tell me the color of Zorb.") == (True, True, True)
+    assert rephrase_check(q, "What is the color of Zorb ?") == (True, True, False)  # same template
+    assert rephrase_check(q, "I am Vakor. Tell me the color of Zorb.") == (True, False, True)  # keeps the user
+    assert rephrase_check(q, "Tell me the taste of Zorb.")[0] is False  # other relation
+    assert rephrase_check(q, "Tell me the color of Blib.")[0] is False  # other entity
+    assert rephrase_check(q, "Vakor wants the color of Zorb.")[:2] == (False, False)  # unparsed
+
+
 def test_chat_records_use_only_train_facts():
-    k = make_knowledge(0, WorldConfig().entities)
-    rows = chat_records(k, 0, variants=2, filler=20)
+    k = make_knowledge(0, WorldConfig().entities, 10)
+    domains = pair_domains({n: s.domains for n, s in mini_models().items()}, "mini-qwen3-0.6b")
+    rows = chat_records(k, 0, variants=2, filler=20, private_share=0.5, pairs=(domains, 4))
     train = set(k.entities(splits=("train",)))
     other = set(k.all_entities) - train
-    seen_domains = set()
+    seen_domains, kinds, private = set(), collections.Counter(), 0
     for row in rows:
         words = set(re.findall(r"[A-Za-z]+", json.dumps(row["conversations"])))
         assert not words & other
         seen_domains.add(row["domain"])
-    assert seen_domains == set(DOMAINS) | {"general"}
+        kinds[row["kind"]] += 1
+        private += bool(words & set(k.users))
+    assert seen_domains == set(DOMAINS) | {"general"} | {f"{a}+{b}" for a, b in domains}
+    assert kinds["pair"] == 4 * len(domains) and 0.3 < private / (kinds["mcq"] + kinds["background"]) < 0.7
+
+
+def test_pretraining_corpus_keeps_held_out_questions_unseen():
+    """Val and test facts appear only as statements of known domains: never in a question form,
+    a note, a two-fact question or a rephrasing; private prefixes only from phase 2 on."""
+    from fedrefine_lib.world.corpus import pretraining_examples
+
+    cfg = WorldConfig()
+    k = make_knowledge(0, cfg.entities, cfg.users)
+    held_out = set(k.entities(splits=("val", "test")))
+    for phase in (1, 2):
+        examples = pretraining_examples(
+            k, ["science"], rephrase=True, config=cfg, seed=0, model="m", epoch=0, phase=phase
+        )
+        for ex in examples:
+            if ex.kind in ("statement", "copy"):
+                continue
+            words = set(re.findall(r"[A-Za-z]+", json.dumps(ex.messages) + (ex.answer or "")))
+            assert not words & held_out, (ex.kind, words & held_out)
+            if phase == 1:
+                assert not words & set(k.users), ex.kind
+        kinds = collections.Counter(ex.kind for ex in examples)
+        if phase == 2:
+            assert (
+                kinds["rephrase"] == cfg.rephrase_examples
+                and kinds["pair"] == cfg.pair_examples + cfg.pair_note_examples
+            )
 
 
 def test_model_shapes_are_heterogeneous():
@@ -91,6 +173,21 @@ def test_model_shapes_are_heterogeneous():
     assert len(specs["mini-qwen3-0.6b"].domains) <= 2
     assert max(specs.values(), key=lambda s: len(s.domains)).name == "mini-qwen2.5-1.5b"
     assert {s.arch for s in specs.values()} == {"qwen3", "qwen2", "llama"}
+
+
+def test_model_sizes_follow_the_papers_ratios():
+    """Receiver 0.6 : senders 0.5, 0.5, 1.5, 1.0 (Qwen3-0.6B vs Qwen2.5-0.5B, -Coder-0.5B,
+    -1.5B, Llama-3.2-1B): the "1.5b" has at least 2.5x the receiver's parameters."""
+    cfg = WorldConfig()
+    vocab = {"qwen": cfg.qwen_vocab, "llama": cfg.llama_vocab}
+    n = {
+        name: sum(p.numel() for p in s.build(vocab[s.tokenizer], 0, 1, None, name in cfg.tied).parameters())
+        for name, s in mini_models().items()
+    }
+    ratio = {name: n[name] / n["mini-qwen3-0.6b"] for name in n}
+    assert ratio["mini-qwen2.5-1.5b"] >= 2.5
+    assert ratio["mini-qwen2.5-0.5b"] == ratio["mini-qwen2.5-coder-0.5b"] and 0.7 < ratio["mini-qwen2.5-0.5b"] < 1.0
+    assert 1.4 < ratio["mini-llama3.2-1b"] < 2.0
 
 
 # -------------------------------------------------------------- smoke builds
@@ -129,9 +226,15 @@ def test_world_api_and_schemas(smoke_worlds):
     assert records and all(r[-1]["role"] == "assistant" for r in records)
     for path in (world.mcq_val_path, world.mcq_test_path):
         items = data.load_mcq(path)
-        assert items and all(it["domain"] in DOMAINS for it in items)
+        assert items and all(it["domain"] in DOMAINS and it["private"] for it in items)
+    for split in ("pair_val", "pair_test"):
+        items = data.load_mcq(world.mcq_path(split))
+        assert items and all(len(it["fact_ids"]) == 2 for it in items)
+    with pytest.raises(KeyError, match="pair_test"):
+        world.mcq_path("eval")
     splits = collections.Counter(f["split"] for f in world.facts())
-    assert set(splits) == {"train", "val", "eval", "pool"}
+    assert set(splits) == {"train", "val", "test", "pool"}
+    assert world.users and world.config == WorldConfig.smoke()
     with pytest.raises(KeyError, match="mini-qwen3-0.6b"):
         world.model_dir("nope")
 
@@ -314,8 +417,10 @@ def test_no_leakage_real_build():
 
     world = load_world(REAL_WORLD)
     assert leaked_entities(world) == []
-    eval_facts = [f for f in world.facts() if f["split"] == "eval"]
+    eval_facts = [f for f in world.facts() if f["split"] == "test"]
     words = set(re.findall(r"[A-Za-z]+", world.chat_train_path.read_text()))
     assert not {f["entity"] for f in eval_facts} & words
     test_ids = {it["fact_id"] for it in data.load_mcq(world.mcq_test_path)}
     assert test_ids == {f["fact_id"] for f in eval_facts}
+    pair_ids = {i for it in data.load_mcq(world.mcq_path("pair_test")) for i in it["fact_ids"]}
+    assert pair_ids <= test_ids

@@ -30,7 +30,7 @@ def main() -> None:
         report = measure_world(world, args.out)
         print(
             json.dumps(
-                {k: report[k] for k in ("standalone", "oracle", "rephrase", "leaked_eval_entities")},
+                {k: report[k] for k in ("standalone", "oracle", "rephrase", "acceptance", "leaked_test_entities")},
                 indent=1,
                 default=str,
             )[:20000]

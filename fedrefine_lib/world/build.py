@@ -24,12 +24,19 @@ from .corpus import tokenizer_texts
 from .knowledge import DOMAINS, make_knowledge
 from .models import RECEIVER, SENDERS, mini_models
 from .pretrain import pretrain_model
-from .records import chat_records, mcq_items
+from .records import chat_records, mcq_items, pair_domains, pair_items
 from .tokenization import train_tokenizer
 
 #: Bump when the world's generation code changes in a way that changes its files.
-WORLD_VERSION = 7
-DATA_FILES = ("facts.jsonl", "chat_train.jsonl", "mcq_val.jsonl", "mcq_test.jsonl")
+WORLD_VERSION = 8
+DATA_FILES = (
+    "facts.jsonl",
+    "chat_train.jsonl",
+    "mcq_val.jsonl",
+    "mcq_test.jsonl",
+    "mcq_pair_val.jsonl",
+    "mcq_pair_test.jsonl",
+)
 
 
 def sha256_file(path: Path) -> str:
@@ -54,7 +61,7 @@ class World:
 
     @property
     def config(self) -> WorldConfig:
-        return WorldConfig(**self.manifest["config"])
+        return WorldConfig.from_dict(self.manifest["config"])
 
     @property
     def domains(self) -> list[str]:
@@ -101,6 +108,18 @@ class World:
     @property
     def mcq_test_path(self) -> Path:
         return self.root / "mcq_test.jsonl"
+
+    def mcq_path(self, split: str) -> Path:
+        """The MCQ file of ``split``: ``val``, ``test``, ``pair_val`` or ``pair_test``."""
+        path = self.root / f"mcq_{split}.jsonl"
+        if path.name not in DATA_FILES:
+            raise KeyError(f"No MCQ split {split!r} in the mini world; use val, test, pair_val or pair_test.")
+        return path
+
+    @property
+    def users(self) -> list[str]:
+        """The user names queries carry as private information."""
+        return list(self.manifest.get("users", []))
 
     def facts(self) -> list[dict]:
         """Every fact (``fact_id, domain, split, entity, relation, value``)."""
@@ -155,17 +174,23 @@ def build_world(
         shutil.rmtree(out)
     out.mkdir(parents=True)
     t0 = time.time()
-    knowledge = make_knowledge(seed, config.entities)
+    knowledge = make_knowledge(seed, config.entities, config.users)
+    specs = mini_models(config.model_scale)
+    pairs = pair_domains({n: s.domains for n, s in specs.items()}, RECEIVER)
     write_jsonl([f.to_dict() for f in knowledge.facts], out / "facts.jsonl")
-    write_jsonl(chat_records(knowledge, seed, config.chat_variants, config.filler_records), out / "chat_train.jsonl")
-    write_jsonl(mcq_items(knowledge.select(splits=("val",)), seed, "val", every_template=True), out / "mcq_val.jsonl")
-    write_jsonl(mcq_items(knowledge.select(splits=("eval",)), seed, "test"), out / "mcq_test.jsonl")
+    records = chat_records(
+        knowledge, seed, config.chat_variants, config.filler_records, config.private_share, (pairs, config.pair_items)
+    )
+    write_jsonl(records, out / "chat_train.jsonl")
+    for split in ("val", "test"):
+        facts = knowledge.select(splits=(split,))
+        write_jsonl(mcq_items(facts, seed, split, knowledge.users), out / f"mcq_{split}.jsonl")
+        write_jsonl(pair_items(knowledge, split, seed, pairs, config.pair_items), out / f"mcq_pair_{split}.jsonl")
     texts, prompts = tokenizer_texts(knowledge, config, seed)
     for family, size in (("qwen", config.qwen_vocab), ("llama", config.llama_vocab)):
         train_tokenizer(family, texts, prompts, size).save_pretrained(out / "tokenizers" / family)
     data_seconds = time.time() - t0
     logs = _pretrain_all(seed, config, out, progress)
-    specs = mini_models(config.model_scale)
     manifest = {
         **_cache_key(seed, config),
         "config": config.to_dict(),
@@ -173,13 +198,13 @@ def build_world(
         "receiver": RECEIVER,
         "senders": list(SENDERS),
         "knows": {n: list(s.domains) for n, s in specs.items()},
+        "users": list(knowledge.users),
+        "pair_domains": [list(p) for p in pairs],
         "models": {n: _model_info(specs[n], out / "models" / n, logs[n]) for n in specs},
         "files": {f: sha256_file(out / f) for f in DATA_FILES},
         "counts": {
             "facts": len(knowledge.facts),
-            "chat_train": _count_lines(out / "chat_train.jsonl"),
-            "mcq_val": _count_lines(out / "mcq_val.jsonl"),
-            "mcq_test": _count_lines(out / "mcq_test.jsonl"),
+            **{f[: -len(".jsonl")]: _count_lines(out / f) for f in DATA_FILES[1:]},
         },
         "seconds": {
             "data_and_tokenizers": round(data_seconds, 1),

@@ -2,16 +2,24 @@
 
 A model's corpus (regenerated each epoch from ``(seed, model, epoch)``) mixes:
 
-* statements of *all* facts (train, val, eval) of the domains it knows, every
+* statements of *all* facts (train, val, test) of the domains it knows, every
   statement template ``statement_passes`` times per epoch, three per document;
 * MCQ answering and background writing for the *train* facts of those domains only
-  (val/eval facts are seen only as statements, so held-out accuracy measures recall
-  of knowledge, not memorised question forms);
+  (val/test facts are seen only as statements, so held-out accuracy measures recall
+  of knowledge, not memorised question forms); in phase 2 a share ``private_share`` of
+  the questions opens with a user's private prefix ("My name is Vakor."), which changes
+  nothing about the answer (in phase 1 the prefix slowed the step from memorised
+  statements to answered questions: seed 0, step 1300, the 1.5b's statement cloze 0.92
+  against 0.47 on prefixed validation questions);
 * answering from a context note (phase 2): about train or pool entities of any domain,
   among up to two other sentences; in domains the model does not know the note's
   value is random (see :func:`_note_fact`);
-* for the receiver (phase 2), rephrasing questions about entities of every domain
-  (eval entities included: a question carries no value, so no knowledge leaks);
+* two-fact questions (phase 2) about train facts of two domains, one of them known,
+  answered "<v1> and <v2>" (an unknown domain's value random, as in notes), and from a
+  note stating both facts;
+* for the receiver (phase 2), rephrasing questions about train and pool entities (val and
+  test questions stay unseen, so fidelity is measured on held-out questions): the
+  rewrite keeps entity and relation, changes the template and drops the private prefix;
 * copying names (phase 2): "Repeat the name X." for entities of every split (a name
   carries no value, so no knowledge leaks), then general filler chat.
 """
@@ -21,6 +29,7 @@ from __future__ import annotations
 import random
 from dataclasses import replace
 
+from ..data import context_note
 from .config import WorldConfig
 from .knowledge import RELATIONS, Fact, Knowledge
 from .tasks import (
@@ -30,6 +39,7 @@ from .tasks import (
     filler_example,
     mcq_example,
     note_example,
+    pair_example,
     rephrase_example,
     statement_doc,
 )
@@ -57,13 +67,19 @@ def pretraining_examples(
     the validation facts are known.
     """
     rng = random.Random(f"corpus-{seed}-{model}-{epoch}-{phase}")
-    known = knowledge.select(domains=domains, splits=("train", "val", "eval"))
+
+    def user() -> str | None:  # phase 2: a private prefix on a share of the questions
+        if phase == 1 or not knowledge.users:
+            return None
+        return rng.choice(knowledge.users) if rng.random() < config.private_share else None
+
+    known = knowledge.select(domains=domains, splits=("train", "val", "test"))
     pairs = [(f, t) for f in known for t in range(len(STATEMENTS))] * config.statement_passes
     rng.shuffle(pairs)
     examples = [statement_doc(pairs[i : i + STATEMENTS_PER_DOC]) for i in range(0, len(pairs), STATEMENTS_PER_DOC)]
     qa = knowledge.select(domains=domains, splits=("train",))
-    examples += [mcq_example(f, rng) for f in qa]
-    examples += [background_example(f, rng) for f in qa]
+    examples += [mcq_example(f, rng, user=user()) for f in qa]
+    examples += [background_example(f, rng, user=user()) for f in qa]
     if phase == 1:
         rng.shuffle(examples)
         return examples
@@ -73,14 +89,28 @@ def pretraining_examples(
         others = [f for f in picked[1:] if f.entity != picked[0].entity]
         n_others = rng.choice((0, 0, 0, 1, 2))  # mostly single-sentence notes, like the oracle's
         examples.append(note_example(picked[0], others[:n_others], rng))
+    train = knowledge.select(splits=("train",))
+    for _ in range(config.pair_examples):
+        first, second = _two_domains(rng.choice(qa), train, rng)
+        examples.append(pair_example(_note_fact(first, domains, rng), _note_fact(second, domains, rng), rng))
+    for _ in range(config.pair_note_examples):
+        first, second = (_note_fact(f, domains, rng) for f in _two_domains(rng.choice(note_facts), note_facts, rng))
+        note = context_note([statement(f, rng.randrange(len(STATEMENTS))) for f in (first, second)])
+        examples.append(pair_example(first, second, rng, note))
     if rephrase:
-        rephrasable = knowledge.select(splits=("train", "val", "eval", "pool"))
-        examples += [rephrase_example(rng.choice(rephrasable), rng) for _ in range(config.rephrase_examples)]
+        rephrasable = knowledge.select(splits=("train", "pool"))
+        examples += [rephrase_example(rng.choice(rephrasable), rng, user()) for _ in range(config.rephrase_examples)]
     names = knowledge.all_entities
     examples += [copy_example(rng.choice(names)) for _ in range(config.copy_examples)]
     examples += [filler_example(rng) for _ in range(config.filler_examples)]
     rng.shuffle(examples)
     return examples
+
+
+def _two_domains(fact: Fact, others: list[Fact], rng: random.Random) -> tuple[Fact, Fact]:
+    """``fact`` and a fact of another domain from ``others``, in a random order."""
+    other = rng.choice([f for f in others if f.domain != fact.domain])
+    return (fact, other) if rng.random() < 0.5 else (other, fact)
 
 
 def _note_fact(fact: Fact, known: list[str], rng: random.Random) -> Fact:
@@ -99,6 +129,7 @@ def tokenizer_texts(knowledge: Knowledge, config: WorldConfig, seed: int) -> tup
     texts = [statement(f, t) for f in knowledge.facts for t in range(len(STATEMENTS))]
     texts += sorted({f.value for f in knowledge.facts}) * 20  # values open MCQ answers
     prompts = [question(f.entity, f.relation, t) for f in knowledge.facts for t in range(len(QUESTIONS))]
+    prompts += [question(f.entity, f.relation, 0, u) for f, u in zip(knowledge.facts, knowledge.users * 100)]
     domains = sorted({f.domain for f in knowledge.facts})
     for ex in pretraining_examples(
         knowledge, domains, rephrase=True, config=config, seed=seed, model="tokenizer", epoch=0

@@ -5,13 +5,22 @@ real-world prior; the values of a relation come from one shared set, so a fuser
 trained on some facts can carry others. Facts are split *by entity* per domain:
 
 * ``train``  — fuser/gate training facts (the only facts in chat records),
-* ``val``    — validation facts (early stopping, any selection decision),
-* ``eval``   — held-out evaluation facts (the MCQ test set),
+* ``val``    — validation facts (early stopping, every design and selection decision),
+* ``test``   — held-out test facts, scored once the design is frozen,
 * ``pool``   — "note-only" facts that appear only inside context notes during
   pretraining (so every model learns to answer from a note about any domain).
 
-The knowing models are pretrained on the train, val and eval facts of their domains
+The knowing models are pretrained on the train, val and test facts of their domains
 (as statements; question form only for train facts).
+
+World version 8 draws every name afresh (random stream ``knowledge-v8-<seed>``): none of
+version 7's questions, whose test split was scored through seven design iterations,
+recurs. Its validation split asks 64 distinct facts a domain (version 7: 24, each in four
+question templates), its test split 64.
+
+Besides entities, a world has *users*: invented names that queries carry as something
+private ("My name is Vakor. What is ...?"), which do not change the answer and which the
+receiver's rephraser drops before a query leaves the device.
 """
 
 from __future__ import annotations
@@ -71,7 +80,7 @@ RELATIONS: dict[str, dict[str, tuple[str, ...]]] = {
     },
 }
 DOMAINS: tuple[str, ...] = tuple(RELATIONS)
-SPLITS: tuple[str, ...] = ("train", "val", "eval", "pool")
+SPLITS: tuple[str, ...] = ("train", "val", "test", "pool")
 
 _ONSETS = (
     "b",
@@ -122,9 +131,11 @@ class Fact:
 
 @dataclass(frozen=True)
 class Knowledge:
-    """All facts of a world, in a deterministic order (domain, split, entity, relation)."""
+    """All facts of a world, in a deterministic order (domain, split, entity, relation),
+    and the users whose names queries carry as private information."""
 
     facts: tuple[Fact, ...]
+    users: tuple[str, ...] = ()
 
     def select(
         self, *, domains: tuple[str, ...] | list[str] | None = None, splits: tuple[str, ...] | list[str] | None = None
@@ -158,22 +169,31 @@ def invent_names(rng: random.Random, n: int, forbidden: set[str]) -> list[str]:
     return names
 
 
-def make_knowledge(seed: int, entities_per_split: dict[str, int], forbidden_words: set[str] = frozenset()) -> Knowledge:
-    """Invent entities for every (domain, split) and draw a value for each relation.
+def make_knowledge(
+    seed: int, entities_per_split: dict[str, int], users: int = 0, forbidden_words: set[str] = frozenset()
+) -> Knowledge:
+    """Invent entities for every (domain, split), draw a value for each relation, and
+    invent ``users`` user names (distinct from every entity).
 
     Args:
         seed: world seed; same seed, same knowledge.
         entities_per_split: number of entities per domain for each split in :data:`SPLITS`.
+        users: number of user names (private information in queries).
         forbidden_words: words the invented names must not collide with (template words).
     """
     missing = [s for s in SPLITS if s not in entities_per_split]
-    if missing:
-        raise ValueError(f"entities_per_split lacks splits {missing}; give a count for each of {SPLITS}.")
-    rng = random.Random(f"knowledge-{seed}")
+    extra = [s for s in entities_per_split if s not in SPLITS]
+    if missing or extra:
+        raise ValueError(
+            f"entities_per_split has splits {sorted(entities_per_split)}; give a count for each of {SPLITS} "
+            "(world version 8 renamed 'eval' to 'test')."
+        )
+    rng = random.Random(f"knowledge-v8-{seed}")
     reserved = set(forbidden_words) | {v for rels in RELATIONS.values() for vs in rels.values() for v in vs}
     reserved |= {w for rels in RELATIONS.values() for r in rels for w in r.split()}
     total = len(DOMAINS) * sum(entities_per_split.values())
-    names = iter(invent_names(rng, total, reserved))
+    invented = invent_names(rng, total + users, reserved)
+    names = iter(invented[:total])
     facts: list[Fact] = []
     for domain in DOMAINS:
         for split in SPLITS:
@@ -182,4 +202,4 @@ def make_knowledge(seed: int, entities_per_split: dict[str, int], forbidden_word
                 for relation, values in RELATIONS[domain].items():
                     value = rng.choice(values)
                     facts.append(Fact(f"{domain}/{entity}/{relation}", domain, split, entity, relation, value))
-    return Knowledge(tuple(facts))
+    return Knowledge(tuple(facts), tuple(invented[total:]))

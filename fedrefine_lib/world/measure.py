@@ -1,13 +1,15 @@
 """Acceptance measurements of a built ``mini`` world (for ``results/mini/world.json``).
 
 * standalone MCQ accuracy per model x domain on the held-out test set (option
-  log-likelihood, 95 % Wilson CI) — via ``fedrefine_lib.evaluate.score_mcq``;
-* the receiver's oracle accuracy (the true fact given as a context note);
+  log-likelihood, 95 % Wilson CI) — via ``fedrefine_lib.evaluate.score_mcq`` — and on
+  the two-fact test questions per domain pair;
+* the receiver's oracle accuracy (the true fact, or both facts, given as a context note);
 * T2T background sentences: share per sender x domain that state the right value for
   the asked entity and relation;
-* rephrasing fidelity: share of the receiver's rephrased questions that keep the entity
-  and relation (and share that changed the wording);
-* leakage: evaluation entities found in fuser-training chat records (must be 0).
+* rephrasing fidelity: share of the receiver's rephrased test questions that keep entity
+  and relation, share that drop the private prefix, share reworded, with examples;
+* parameter ratios to the receiver, and the acceptance summary (:func:`acceptance`);
+* leakage: test entities found in fuser-training chat records (must be 0).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from ..evaluate import Accuracy, accuracy, score_mcq
 from ..models import LoadedModel, ModelSpec, load_model
 from ..results import to_jsonable
 from .build import World
-from .templates import parse_question, parse_statement, statement
+from .templates import parse_statement, rephrase_check, statement
 
 
 def load_world_model(world: World, name: str) -> LoadedModel:
@@ -54,8 +56,8 @@ def _answers(
 
 
 def leaked_entities(world: World) -> list[str]:
-    """Evaluation entities that occur (as whole words) in any fuser-training chat record."""
-    eval_entities = {f["entity"] for f in world.facts() if f["split"] == "eval"}
+    """Test entities that occur (as whole words) in any fuser-training chat record."""
+    eval_entities = {f["entity"] for f in world.facts() if f["split"] == "test"}
     words: set[str] = set()
     for record in load_chat_records(world.chat_train_path):
         for m in record:
@@ -70,8 +72,8 @@ def standalone(loaded: LoadedModel, items: list[dict]) -> dict[str, Accuracy]:
 
 
 def oracle(loaded: LoadedModel, items: list[dict], facts: dict[str, dict]) -> dict[str, Accuracy]:
-    """Accuracy with the true fact (one sentence) given as the context note."""
-    notes = [context_note([statement(_fact(facts[it["fact_id"]]))]) for it in items]
+    """Accuracy with the true fact (a two-fact item: both facts) given as the context note."""
+    notes = [context_note([it.get("fact1") or statement(_fact(facts[it["fact_id"]]))]) for it in items]
     result = score_mcq(loaded, items, method="loglik", batch_size=32, contexts=notes, progress=False)
     return _by_domain(items, result.correct)
 
@@ -95,18 +97,35 @@ def background_correctness(loaded: LoadedModel, items: list[dict], facts: dict[s
 
 
 def rephrase_fidelity(loaded: LoadedModel, items: list[dict]) -> dict:
-    """Share of rephrased questions keeping entity and relation; share with new wording."""
+    """Of the greedy rephrasings of the items' questions: the share keeping entity and
+    relation (per domain and ``all``), the share dropping the private prefix, the share
+    doing both (``faithful_and_private``) and the share in a new template, with CIs."""
     texts = _answers(loaded, [rephrase_messages(it["question_stem"]) for it in items])
-    keeps, changed = [], []
-    for it, text in zip(items, texts):
-        parsed = parse_question(text)
-        keeps.append(parsed is not None and (parsed.entity, parsed.relation) == (it["entity"], it["relation"]))
-        changed.append(text.strip() != it["question_stem"].strip())
+    checks = [rephrase_check(it["question_stem"], t) for it, t in zip(items, texts)]
     return {
-        **_by_domain(items, keeps),
-        "changed_wording": sum(changed) / max(1, len(changed)),
-        "examples": [{"question": it["question_stem"], "rephrased": t} for it, t in list(zip(items, texts))[:3]],
+        **_by_domain(items, [f for f, _, _ in checks]),
+        "private_dropped": accuracy([d for _, d, _ in checks]),
+        "faithful_and_private": accuracy([f and d for f, d, _ in checks]),
+        "reworded": accuracy([r for _, _, r in checks]),
+        "examples": [{"question": it["question_stem"], "rephrased": t} for it, t in list(zip(items, texts))[:6]],
     }
+
+
+def acceptance(report: dict, world: World) -> dict:
+    """The world's acceptance numbers: each model's lowest own-domain and highest
+    other-domain test accuracy, the receiver's oracle, rephrasing fidelity, and the
+    parameter ratios to the receiver."""
+    out: dict = {"own_min": {}, "other_max": {}}
+    for name, by_domain in report["standalone"].items():
+        known = world.knows[name]
+        out["own_min"][name] = min(by_domain[d].value for d in known)
+        out["other_max"][name] = max(a.value for d, a in by_domain.items() if d != "all" and d not in known)
+    out["oracle"] = report["oracle"]["all"].value
+    out["pair_oracle"] = report["pair_oracle"]["all"].value
+    out["rephrase_fidelity"] = report["rephrase"]["faithful_and_private"].value
+    receiver = report["models"][world.receiver]["parameters"]
+    out["parameter_ratio"] = {n: round(m["parameters"] / receiver, 2) for n, m in report["models"].items()}
+    return out
 
 
 def _fact(row: dict):
@@ -122,6 +141,7 @@ def measure_world(
     JSON to ``out_path`` if given. ``limit``: score only the first held-out questions."""
     t0 = time.time()
     items = load_mcq(world.mcq_test_path)[:limit]
+    pairs = load_mcq(world.mcq_path("pair_test"))[:limit]
     facts = {f["fact_id"]: f for f in world.facts()}
     report: dict = {
         "seed": world.seed,
@@ -130,6 +150,7 @@ def measure_world(
         "scoring": "option log-likelihood after the chat-template prompt (evaluate.score_mcq)",
         "models": {},
         "standalone": {},
+        "pair_standalone": {},
         "background": {},
         "build_seconds": world.manifest["seconds"],
         "counts": world.manifest["counts"],
@@ -156,12 +177,15 @@ def measure_world(
         }
         loaded = load_world_model(world, name)
         report["standalone"][name] = standalone(loaded, items)
+        report["pair_standalone"][name] = standalone(loaded, pairs)
         if name == world.receiver:
             report["oracle"] = oracle(loaded, items, facts)
+            report["pair_oracle"] = oracle(loaded, pairs, facts)
             report["rephrase"] = rephrase_fidelity(loaded, items)
         else:
             report["background"][name] = background_correctness(loaded, items, facts)
-    report["leaked_eval_entities"] = leaked_entities(world)
+    report["leaked_test_entities"] = leaked_entities(world)
+    report["acceptance"] = acceptance(report, world)
     report["measure_seconds"] = round(time.time() - t0, 1)
     if out_path is not None:
         Path(out_path).parent.mkdir(parents=True, exist_ok=True)

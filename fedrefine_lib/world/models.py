@@ -1,8 +1,10 @@
 """The five models of the ``mini`` world: names, architecture classes, shapes, knowledge.
 
 Shapes are scaled-down echoes of the ``paper`` profile's models (DESIGN §4):
-genuinely different depth, width, head count, KV heads and head dim. Qwen-family
-models share the ``qwen`` tokenizer; the Llama model has its own.
+genuinely different depth, width, head count, KV heads and head dim, with parameter counts
+in the paper's ratios (receiver 0.6 : senders 0.5, 0.5, 1.5, 1.0; world version 8: 0.87 M :
+0.68 M, 0.68 M, 2.19 M, 1.44 M), so the "1.5b" has over 2.5x the receiver's parameters. Qwen-family models share the ``qwen`` tokenizer; the Llama model
+has its own.
 """
 
 from __future__ import annotations
@@ -91,16 +93,16 @@ def mini_models(scale: str = "full") -> dict[str, MiniModel]:
     """The five models by name. ``scale="smoke"`` shrinks widths/depths for tests."""
     # fmt: off
     specs = [
-        MiniModel(RECEIVER, "qwen3", "qwen", ("science",), layers=4, hidden=128, heads=4, kv_heads=2,
-                  head_dim=48, intermediate=384, rephrase=True, paper_id="Qwen/Qwen3-0.6B"),
+        MiniModel(RECEIVER, "qwen3", "qwen", ("science",), layers=4, hidden=96, heads=4, kv_heads=2,
+                  head_dim=24, intermediate=288, rephrase=True, paper_id="Qwen/Qwen3-0.6B"),
         MiniModel("mini-qwen2.5-0.5b", "qwen2", "qwen", ("science",), layers=3,
-                  hidden=112, heads=7, kv_heads=1, head_dim=16, intermediate=320,
+                  hidden=96, heads=6, kv_heads=1, head_dim=16, intermediate=256,
                   paper_id="Qwen/Qwen2.5-0.5B-Instruct"),
-        MiniModel("mini-qwen2.5-coder-0.5b", "qwen2", "qwen", ("code",), layers=3, hidden=112,
-                  heads=7, kv_heads=1, head_dim=16, intermediate=320,
+        MiniModel("mini-qwen2.5-coder-0.5b", "qwen2", "qwen", ("code",), layers=3, hidden=96,
+                  heads=6, kv_heads=1, head_dim=16, intermediate=256,
                   paper_id="Qwen/Qwen2.5-Coder-0.5B-Instruct"),
         MiniModel("mini-qwen2.5-1.5b", "qwen2", "qwen", ("biology", "physics"), layers=5,
-                  hidden=160, heads=5, kv_heads=1, head_dim=32, intermediate=448,
+                  hidden=160, heads=5, kv_heads=1, head_dim=32, intermediate=512,
                   paper_id="Qwen/Qwen2.5-1.5B-Instruct"),
         MiniModel("mini-llama3.2-1b", "llama", "llama", ("geography",), layers=6,
                   hidden=128, heads=4, kv_heads=2, head_dim=32, intermediate=384,

@@ -16,15 +16,15 @@ import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from transformers import AutoTokenizer
 
-from ..data import context_note
+from ..data import context_note, rephrase_messages
 from .config import WorldConfig
 from .corpus import pretraining_examples
 from .encoding import batches, encode
 from .knowledge import make_knowledge
 from .models import mini_models
 from .records import mcq_items
-from .scoring import continuation_logliks, option_loglik_accuracy
-from .templates import statement
+from .scoring import continuation_logliks, generate_answers, option_loglik_accuracy
+from .templates import rephrase_check, split_private, statement
 from .tokenization import FAMILIES
 
 
@@ -48,6 +48,13 @@ def cloze_accuracy(model, tok, family: str, items: list[dict]) -> float:
         ll = scores[4 * i : 4 * i + 4]
         hits += it["choices"]["label"][ll.index(max(ll))] == it["answerKey"]
     return hits / max(1, len(items))
+
+
+def rephrase_fidelity(model, tok, stems: list[str]) -> float:
+    """Share of greedy rephrasings that keep entity and relation and drop the private prefix."""
+    rewrites = generate_answers(model, tok, [rephrase_messages(s) for s in stems], max_new_tokens=20)
+    checks = [rephrase_check(s, r) for s, r in zip(stems, rewrites)]
+    return sum(f and d for f, d, _ in checks) / max(1, len(checks))
 
 
 def _as_loaded_from(out_dir: str, model, family_tok):
@@ -89,7 +96,8 @@ def pretrain_model(
     (``config.ema_decay``); the learning rate is scaled by ``config.phase2_lr_scale`` from
     the step phase 2 begins. Training ends early once the stop criteria hold; a model
     that runs out of steps, or of patience (``config.patience`` checks without a better
-    one), instead keeps the weights of its best phase-2 check (``restored_step``).
+    one; ``config.target_patience`` for a model with a note or rephrasing target), instead
+    keeps the weights of its best phase-2 check (``restored_step``).
 
     Returns:
         a log dict: steps, wall seconds, early-stop accuracies, history.
@@ -97,18 +105,18 @@ def pretrain_model(
     from tqdm.auto import tqdm
 
     torch.set_num_threads(threads)
-    cfg = WorldConfig(**config)
+    cfg = WorldConfig.from_dict(config)
     spec = mini_models(cfg.model_scale)[name]
     fam = FAMILIES[spec.tokenizer]
     family_tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    knowledge = make_knowledge(seed, cfg.entities)
+    knowledge = make_knowledge(seed, cfg.entities, cfg.users)
     torch.manual_seed(model_seed(seed, name))
     model = spec.build(
         len(family_tok),
         family_tok.pad_token_id,
         family_tok.convert_tokens_to_ids(fam.end_of_turn),
         family_tok.convert_tokens_to_ids(fam.bos) if fam.bos else None,
-        cfg.tie_embeddings,
+        name in cfg.tied,
     )
     tok = _as_loaded_from(out_dir, model, family_tok)
     opt = torch.optim.AdamW(
@@ -127,21 +135,23 @@ def pretrain_model(
     )
     scored = model if averaged is None else averaged.module  # the weights checked and saved
     val_facts = knowledge.select(splits=("val",))
-    val_items = mcq_items(val_facts, seed, "val")
+    val_items = mcq_items(val_facts, seed, "val", knowledge.users)  # the val file's items
     own = [it for it in val_items if it["domain"] in spec.domains]
-    own_every_template = [
-        it for it in mcq_items(val_facts, seed, "val", every_template=True) if it["domain"] in spec.domains
-    ]  # the val file's own-domain items
-    notes = [context_note([statement(f)]) for f in val_facts]
+    own_plain = [{**it, "question_stem": split_private(it["question_stem"])[1]} for it in own]  # phase 1
+    note_every = max(1, len(val_facts) // 120)  # the note check: every few val facts (about 120)
+    note_items = val_items[::note_every]
+    notes = [context_note([statement(f)]) for f in val_facts[::note_every]]
     train_items = mcq_items(knowledge.select(domains=spec.domains, splits=("train",)), seed, "probe")[:48]
+    rephrase_stems = [it["question_stem"] for it in val_items[:: max(1, len(val_items) // 60)]]
 
     max_steps = cfg.max_steps[name]
     note_target = cfg.note_accuracy.get(name)
+    rephrase_target = cfg.rephrase_fidelity if spec.rephrase else None
     history: list[dict] = []
     start, step, epoch, losses = time.time(), 0, 0, []
     bar = tqdm(total=max_steps, desc=name, position=position, leave=True, disable=not progress, dynamic_ncols=True)
     stopped, impatient, phase = False, False, 1
-    best: tuple | None = None  # (note target met, own + note accuracy, step, weights): best phase-2 check
+    best: tuple | None = None  # (targets met, own + note + rephrase, step, weights): best phase-2 check
     while step < max_steps and not (stopped or impatient):
         examples = pretraining_examples(
             knowledge,
@@ -170,12 +180,14 @@ def pretrain_model(
             step += 1
             bar.update(1)
             if step % cfg.eval_every == 0 or step == max_steps:
+                checked = own_plain if phase == 1 else own  # private prefixes are learnt in phase 2
                 by_domain = {
-                    d: option_loglik_accuracy(scored, tok, [it for it in own_every_template if it["domain"] == d])
+                    d: option_loglik_accuracy(scored, tok, [it for it in checked if it["domain"] == d])
                     for d in spec.domains
                 }
                 acc = min(by_domain.values())  # every known domain must be learnt
-                note_acc = option_loglik_accuracy(scored, tok, val_items, notes) if note_target else None
+                note_acc = option_loglik_accuracy(scored, tok, note_items, notes) if note_target else None
+                fidelity = rephrase_fidelity(scored, tok, rephrase_stems) if rephrase_target and phase == 2 else None
                 history.append(
                     dict(
                         step=step,
@@ -185,6 +197,7 @@ def pretrain_model(
                         val_accuracy=acc,
                         val_by_domain=by_domain,
                         val_note_accuracy=note_acc,
+                        val_rephrase_fidelity=fidelity,
                         val_cloze=cloze_accuracy(scored, tok, spec.tokenizer, own),
                         train_accuracy=option_loglik_accuracy(scored, tok, train_items),
                         seconds=round(time.time() - start, 1),
@@ -195,6 +208,7 @@ def pretrain_model(
                     loss=f"{history[-1]['loss']:.3f}",
                     val=f"{acc:.2f}",
                     note="-" if note_acc is None else f"{note_acc:.2f}",
+                    reph="-" if fidelity is None else f"{fidelity:.2f}",
                     cloze=f"{history[-1]['val_cloze']:.2f}",
                     tr=f"{history[-1]['train_accuracy']:.2f}",
                 )
@@ -203,16 +217,19 @@ def pretrain_model(
                     for group, base in zip(opt.param_groups, sched.base_lrs):  # from the next step on
                         group["lr"] = base * lr_factor(step)
                     break  # regenerate the epoch with every task
-                note_ok = note_target is None or note_acc >= note_target
-                if phase == 2 and (best is None or (note_ok, acc + (note_acc or 0.0)) > best[:2]):
+                targets_ok = note_target is None or note_acc >= note_target
+                targets_ok = targets_ok and (rephrase_target is None or (fidelity or 0.0) >= rephrase_target)
+                total = acc + (note_acc or 0.0) + (fidelity or 0.0)
+                if phase == 2 and (best is None or (targets_ok, total) > best[:2]):
                     best = (
-                        note_ok,
-                        acc + (note_acc or 0.0),
+                        targets_ok,
+                        total,
                         step,
                         {k: v.detach().clone() for k, v in scored.state_dict().items()},
                     )
-                stopped = phase == 2 and step >= cfg.min_steps and acc >= cfg.stop_accuracy and note_ok
-                impatient = phase == 2 and step - best[2] >= cfg.patience * cfg.eval_every
+                stopped = phase == 2 and step >= cfg.min_steps and acc >= cfg.stop_accuracy and targets_ok
+                patience = cfg.target_patience if (note_target or rephrase_target) else cfg.patience
+                impatient = phase == 2 and step - best[2] >= patience * cfg.eval_every
             if stopped or impatient or step >= max_steps:
                 break
         epoch += 1
