@@ -2,9 +2,9 @@
 
 Shapes are scaled-down echoes of the ``paper`` profile's models (DESIGN §4):
 genuinely different depth, width, head count, KV heads and head dim, with parameter counts
-in the paper's ratios (receiver 0.6 : senders 0.5, 0.5, 1.5, 1.0; world version 8: 0.87 M :
-0.68 M, 0.68 M, 2.19 M, 1.44 M), so the "1.5b" has over 2.5x the receiver's parameters. Qwen-family models share the ``qwen`` tokenizer; the Llama model
-has its own.
+in the paper's ratios (receiver 0.6 : senders 0.5, 0.5, 1.5, 1.0; world version 8, seed 0:
+0.84 M : 0.68 M, 0.68 M, 2.19 M, 1.44 M), so the "1.5b" has over 2.5x the receiver's
+parameters. Qwen-family models share the ``qwen`` tokenizer; the Llama model has its own.
 """
 
 from __future__ import annotations
