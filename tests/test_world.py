@@ -111,7 +111,9 @@ def test_rephrase_check_crafted_cases():
     assert rephrase_check(q, "I am Vakor. Tell me the color of Zorb.") == (True, False, True)  # keeps the user
     assert rephrase_check(q, "Tell me the taste of Zorb.")[0] is False  # other relation
     assert rephrase_check(q, "Tell me the color of Blib.")[0] is False  # other entity
-    assert rephrase_check(q, "Vakor wants the color of Zorb.")[:2] == (False, False)  # unparsed
+    assert rephrase_check(q, "Vakor wants the color of Zorb.")[:2] == (False, False)  # unparsed, names the user
+    assert rephrase_check(q, "Zorb, color?")[:2] == (False, True)  # unparsed, the user dropped
+    assert rephrase_check("What is the color of Zorb?", "I am Blix. Tell me the color of Zorb.")[1] is True
 
 
 def test_chat_records_use_only_train_facts():

@@ -136,10 +136,12 @@ def parse_statement(text: str) -> Parsed | None:
 
 def rephrase_check(original: str, rewrite: str) -> tuple[bool, bool, bool]:
     """``(faithful, private_dropped, reworded)`` of a rewrite of ``original``: it parses as a
-    question with the same entity and relation; it names no user; its template differs."""
+    question with the same entity and relation; the user the original names does not occur
+    in it (as a word); it parses in another template (or not at all)."""
     a, b = parse_question(original), parse_question(rewrite)
     faithful = a is not None and b is not None and (a.entity, a.relation) == (b.entity, b.relation)
-    dropped = b is not None and b.user is None and (a is None or a.user is None or a.user not in rewrite)
+    user = a.user if a is not None else None
+    dropped = user is None or re.search(rf"\b{re.escape(user)}\b", rewrite) is None
     reworded = b is None or a is None or b.template != a.template
     return faithful, dropped, reworded
 
