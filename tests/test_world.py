@@ -135,18 +135,25 @@ def test_chat_records_use_only_train_facts():
 
 def test_pretraining_corpus_keeps_held_out_questions_unseen():
     """Val and test facts appear only as statements of known domains: never in a question form,
-    a note, a two-fact question or a rephrasing; private prefixes only from phase 2 on."""
+    a note or a two-fact question; their names are rephrased only with relations no held-out
+    question asks; private prefixes only from phase 2 on."""
     from fedrefine_lib.world.corpus import pretraining_examples
 
     cfg = WorldConfig()
     k = make_knowledge(0, cfg.entities, cfg.users)
     held_out = set(k.entities(splits=("val", "test")))
+    asked = {(f.entity, f.relation) for f in k.select(splits=("val", "test"))}
     for phase in (1, 2):
         examples = pretraining_examples(
             k, ["science"], rephrase=True, config=cfg, seed=0, model="m", epoch=0, phase=phase
         )
         for ex in examples:
             if ex.kind in ("statement", "copy"):
+                continue
+            if ex.kind == "rephrase":  # held-out names, never a held-out question
+                for text in (ex.messages[-1]["content"].split("Question: ")[-1], ex.answer):
+                    p = parse_question(text)
+                    assert p is not None and (p.entity, p.relation) not in asked, text
                 continue
             words = set(re.findall(r"[A-Za-z]+", json.dumps(ex.messages) + (ex.answer or "")))
             assert not words & held_out, (ex.kind, words & held_out)

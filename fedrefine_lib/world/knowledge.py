@@ -13,10 +13,11 @@ trained on some facts can carry others. Facts are split *by entity* per domain:
 The knowing models are pretrained on the train, val and test facts of their domains
 (as statements; question form only for train facts).
 
-World version 8 draws every name afresh (random stream ``knowledge-v8-<seed>``): none of
-version 7's questions, whose test split was scored through seven design iterations,
-recurs. Its validation split asks 64 distinct facts a domain (version 7: 24, each in four
-question templates), its test split 64.
+Every world version since 8 draws every name afresh (random stream
+``knowledge-v<version>-<seed>``): none of version 7's questions, whose test split was scored
+through seven design iterations, recurs, and version 9 (the rephraser that copies held-out
+names) does not reuse version 8's test split, scored once. The validation split asks 64
+distinct facts a domain (version 7: 24, each in four question templates), the test split 64.
 
 Besides entities, a world has *users*: invented names that queries carry as something
 private ("My name is Vakor. What is ...?"), which do not change the answer and which the
@@ -188,7 +189,7 @@ def make_knowledge(
             f"entities_per_split has splits {sorted(entities_per_split)}; give a count for each of {SPLITS} "
             "(world version 8 renamed 'eval' to 'test')."
         )
-    rng = random.Random(f"knowledge-v8-{seed}")
+    rng = random.Random(f"knowledge-v9-{seed}")
     reserved = set(forbidden_words) | {v for rels in RELATIONS.values() for vs in rels.values() for v in vs}
     reserved |= {w for rels in RELATIONS.values() for r in rels for w in r.split()}
     total = len(DOMAINS) * sum(entities_per_split.values())

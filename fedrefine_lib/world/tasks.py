@@ -16,6 +16,9 @@ from .knowledge import RELATIONS, Fact
 from .templates import PRIVATE_PREFIXES, QUESTIONS, STATEMENTS, pair_answer, pair_question, question, statement
 
 
+_RELATION_DOMAIN = {rel: domain for domain, rels in RELATIONS.items() for rel in rels}
+
+
 @dataclass(frozen=True)
 class Example:
     """One training example: ``text`` (plain document) or ``messages`` + ``answer`` (chat)."""
@@ -124,17 +127,17 @@ def background_example(fact: Fact, rng: random.Random, user: str | None = None) 
     )
 
 
-def rephrase_example(fact: Fact, rng: random.Random, user: str | None = None) -> Example:
-    """Question in one template (after a private prefix naming ``user``, if given) -> the
-    same question (entity, relation) in another template, without the prefix."""
+def rephrase_example(entity: str, relation: str, rng: random.Random, user: str | None = None) -> Example:
+    """Question about ``relation`` of ``entity`` in one template (after a private prefix
+    naming ``user``, if given) -> the same question in another template, without the prefix.
+    It states no value, so any name and relation may be paired (see :func:`.corpus.rephrase_pairs`)."""
     src, dst = rng.sample(range(len(QUESTIONS)), 2)
     prefix = rng.randrange(len(PRIVATE_PREFIXES))
     return Example(
         "rephrase",
-        messages=tuple(rephrase_messages(question(fact.entity, fact.relation, src, user, prefix))),
-        answer=question(fact.entity, fact.relation, dst),
-        domain=fact.domain,
-        fact_id=fact.fact_id,
+        messages=tuple(rephrase_messages(question(entity, relation, src, user, prefix))),
+        answer=question(entity, relation, dst),
+        domain=_RELATION_DOMAIN[relation],
     )
 
 
