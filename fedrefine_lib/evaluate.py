@@ -1,5 +1,6 @@
 """Multiple-choice scoring with any engine (receiver alone or fused caches), and accuracy
-with a 95 % Wilson confidence interval.
+with a 95 % interval: a cluster bootstrap over the items' entities for a scored result
+(:mod:`.stats`), a Wilson interval for a bare list of outcomes.
 
 Items follow the OpenBookQA schema: ``id``, ``question_stem``, ``choices{text, label}``,
 ``answerKey`` (plus optional ``domain``). Methods:
@@ -30,6 +31,7 @@ from fedrefine_lib import data
 from fedrefine_lib.decode import generate
 from fedrefine_lib.engine import Prefill, Standalone, continue_prefill
 from fedrefine_lib.prompts import right_pad
+from fedrefine_lib.stats import Difference, Estimate, cluster_accuracy, item_clusters, paired_difference
 from fedrefine_lib.trace import Trace
 
 METHODS = ("loglik", "letter", "generate")
@@ -74,6 +76,8 @@ class McqResult:
         scores: per option (item's label order): summed log-prob (loglik) or letter logit;
             empty for ``generate``.
         outputs: generated text (``generate``), else None.
+        clusters: the item's cluster for intervals and paired tests (its entity, see
+            :func:`.stats.item_clusters`).
     """
 
     method: str
@@ -84,19 +88,59 @@ class McqResult:
     scores: list[list[float]] = field(default_factory=list)
     outputs: list[str | None] = field(default_factory=list)
     domains: list[str | None] = field(default_factory=list)
+    clusters: list[str] = field(default_factory=list)
     trace: Trace = field(default_factory=Trace)
 
-    def accuracy(self) -> Accuracy:
-        return accuracy(self.correct)
+    def accuracy(self) -> Estimate:
+        """Accuracy with a cluster-bootstrap interval over the items' entities."""
+        return cluster_accuracy(self.correct, self.cluster_labels())
 
-    def accuracy_by(self, key: str = "domain") -> dict[str, Accuracy]:
+    def accuracy_by(self, key: str = "domain") -> dict[str, Estimate]:
         """Accuracy per value of ``domains`` (the only grouping recorded)."""
         if key != "domain":
             raise ValueError("Only 'domain' grouping is recorded.")
-        groups: dict[str, list[bool]] = {}
-        for d, c in zip(self.domains, self.correct):
-            groups.setdefault(str(d), []).append(c)
-        return {d: accuracy(c) for d, c in sorted(groups.items())}
+        groups: dict[str, list[int]] = {}
+        for i, d in enumerate(self.domains):
+            groups.setdefault(str(d), []).append(i)
+        clusters = self.cluster_labels()
+        return {
+            d: cluster_accuracy([self.correct[i] for i in idx], [clusters[i] for i in idx])
+            for d, idx in sorted(groups.items())
+        }
+
+    def where(self, domains: Sequence[str]) -> McqResult:
+        """The items of the given ``domains`` only (same order; trace not carried)."""
+        keep = [i for i, d in enumerate(self.domains) if d in set(domains)]
+        clusters = self.cluster_labels()
+
+        def pick(xs: list) -> list:
+            return [xs[i] for i in keep] if len(xs) == len(self.ids) else []
+
+        return McqResult(
+            self.method,
+            ids=pick(self.ids),
+            answers=pick(self.answers),
+            predictions=pick(self.predictions),
+            correct=pick(self.correct),
+            scores=pick(self.scores),
+            outputs=pick(self.outputs),
+            domains=pick(self.domains),
+            clusters=[clusters[i] for i in keep],
+        )
+
+    def compare(self, other: McqResult) -> Difference:
+        """This result's accuracy minus ``other``'s on the same items, with a paired
+        cluster-bootstrap interval and p-value (and McNemar's)."""
+        if self.ids != other.ids:
+            raise ValueError(
+                "compare needs two results on the same items in the same order "
+                f"({len(self.ids)} vs {len(other.ids)} items); score both on one item list."
+            )
+        return paired_difference(self.correct, other.correct, self.cluster_labels())
+
+    def cluster_labels(self) -> list[str]:
+        """Per-item clusters; each item its own when none were recorded."""
+        return self.clusters if len(self.clusters) == len(self.correct) else list(self.ids)
 
     @property
     def unparseable(self) -> int:
@@ -248,6 +292,7 @@ def score_mcq(
         )
         for i in starts
     ]
+    result.clusters = item_clusters(items)
     for batch, notes in tqdm(batches, desc=f"MCQ ({method})", disable=not progress):
         labels = [list(it["choices"]["label"]) for it in batch]
         texts = [list(it["choices"]["text"]) for it in batch]

@@ -26,7 +26,7 @@ import json
 import math
 import platform
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
@@ -34,6 +34,7 @@ from typing import Any
 
 from . import __version__
 from .models import REPO_ROOT
+from .stats import Difference, Estimate, gap_closed
 
 NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
 
@@ -168,15 +169,24 @@ def without_timings(metrics: dict[str, Any]) -> dict[str, Any]:
 
 
 def summarize(result, focus: list[str] | None = None) -> dict[str, Any]:
-    """Accuracy of an ``evaluate.McqResult`` overall, on the ``focus`` domains, and per domain."""
-    from .evaluate import accuracy
-
+    """Accuracy of an ``evaluate.McqResult`` overall, on the ``focus`` domains, and per domain
+    (cluster-bootstrap intervals over entities)."""
     out = {"all": result.accuracy(), "by_domain": result.accuracy_by("domain")}
     if focus:
-        out["focus"] = accuracy([c for c, d in zip(result.correct, result.domains) if d in focus])
+        out["focus"] = result.where(focus).accuracy()
     return out
 
 
-def gap_closed(alone: float, refined: float, oracle: float) -> float:
-    """Fraction of the receiver-alone -> oracle gap that refinement closes."""
-    return float("nan") if oracle <= alone else (refined - alone) / (oracle - alone)
+def closed_gap(base, method, upper) -> Estimate:
+    """Share of the ``base`` -> ``upper`` gap (e.g. receiver alone -> oracle) that ``method``
+    closes, on the same items, with a paired cluster-bootstrap interval (``McqResult``s)."""
+    for r in (method, upper):
+        if r.ids != base.ids:
+            raise ValueError("closed_gap needs three results on the same items in the same order.")
+    return gap_closed(base.correct, method.correct, upper.correct, base.cluster_labels())
+
+
+def differences(results: Mapping[str, Any], pairs: Sequence[tuple[str, str]]) -> dict[str, Difference]:
+    """``"a - b"`` -> the paired difference of ``results[a]`` and ``results[b]``
+    (``McqResult.compare``: cluster bootstrap interval and p-value, McNemar's p)."""
+    return {f"{a} - {b}": results[a].compare(results[b]) for a, b in pairs}

@@ -68,11 +68,15 @@ def t2t_sweep(
     stems=None,
     only: Sequence[Subset] | None = None,
     max_new_tokens: int = 32,
+    protocol: str = "background",
 ) -> tuple[dict[Subset, McqResult], Trace]:
-    """Score ``items`` with every sender subset by text: each sender writes its background
-    once; a subset's note joins its senders' texts. Returns results and the senders' trace."""
+    """Score ``items`` with every sender subset by text (``protocol``, see
+    :data:`.t2t.PROTOCOLS`): each sender writes once; a subset's note joins its senders'
+    texts. Returns results and the senders' trace."""
     names = [s.name for s in senders]
-    _, texts, trace = t2t_notes(senders, items, receiver=receiver, stems=stems, max_new_tokens=max_new_tokens)
+    _, texts, trace = t2t_notes(
+        senders, items, receiver=receiver, stems=stems, max_new_tokens=max_new_tokens, protocol=protocol, progress=False
+    )
     out = {}
     for subset in only or subsets(names):
         if not subset:

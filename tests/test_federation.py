@@ -166,7 +166,7 @@ def test_t2t_notes_trace_adds_up(loaded_models):
                 Standalone(s), [data.background_messages(it["question_stem"]) for it in ITEMS[i : i + 2]], 4
             )
             rows += r
-        assert [s.tokenizer.decode(r, skip_special_tokens=True).strip() for r in rows] == [t[k] for t in texts]
+        assert [data.tidy_text(s.tokenizer.decode(r, skip_special_tokens=True)) for r in rows] == [t[k] for t in texts]
         n = sum(len(r) for r in rows)
         assert trace.bytes[f"{s.name}->qwen3"] == n * TOKEN_ID_BYTES
         total += n
@@ -182,3 +182,24 @@ def test_t2t_notes_trace_adds_up(loaded_models):
     assert len(texts2) == 3
     with pytest.raises(KeyError, match="llama"):
         t2t_notes(senders, ITEMS, stems={"qwen2": ["Q?"] * 3}, progress=False)
+
+
+def test_t2t_answer_relay_reads_the_question_with_options(loaded_models):
+    """The answer protocol: each sender answers the MCQ prompt (options included) and the
+    receiver reads "The answer is <text>."; bytes are the answer's token ids only."""
+    from fedrefine_lib import data
+    from fedrefine_lib.t2t import RELAY_TEMPLATE
+
+    sender = loaded_models["qwen2"]
+    _, texts, trace = t2t_notes([sender], ITEMS, protocol="answer", max_new_tokens=3, batch_size=2, progress=False)
+    rows = []
+    for i in range(0, len(ITEMS), 2):
+        r, _ = generate_ids(Standalone(sender), [data.mcq_messages(it) for it in ITEMS[i : i + 2]], 3)
+        rows += r
+    expected = [
+        RELAY_TEMPLATE.format(answer=data.tidy_text(sender.tokenizer.decode(r, skip_special_tokens=True))) for r in rows
+    ]
+    assert [t[0] for t in texts] == expected
+    assert trace.bytes[f"{sender.name}->receiver"] == sum(len(r) for r in rows) * TOKEN_ID_BYTES
+    with pytest.raises(ValueError, match="protocol"):
+        t2t_notes([sender], ITEMS, protocol="telepathy", progress=False)

@@ -95,6 +95,26 @@ def test_prior_subsets_and_oracle():
     assert gating.oracle_correct(results) == [True, False, True, False]
     with pytest.raises(ValueError, match="different items"):
         gating.oracle_correct({(): result(ids, doms, [True] * 4), ("x",): result(ids[::-1], doms, [True] * 4)})
+    # only senders that know the domain count: x knows bio, y knows geo
+    assert gating.oracle_correct(results, knows={"x": ["bio"], "y": ["geo"]}) == [True, False, True, False]
+    assert gating.oracle_correct(results, knows={"x": ["geo"], "y": ["bio"]}) == [False, False, True, False]
+    pair = {(): result(ids, ["bio+geo"] * 4, [False] * 4), ("x",): result(ids, ["bio+geo"] * 4, [True] * 4)}
+    assert gating.oracle_correct(pair, knows={"x": ["geo"]}) == [True] * 4  # x knows one of the two
+
+
+def test_route_results_picks_the_chosen_subset_per_domain():
+    ids, doms = ["a", "b", "c", "d"], ["bio", "bio", "geo", "geo"]
+    results = {
+        ("x",): result(ids, doms, [True, False, False, False]),
+        ("y",): result(ids, doms, [False, True, True, False]),
+    }
+    routed = gating.route_results(results, {"bio": ("x",), "geo": ("y",)})
+    assert routed.correct == [True, False, True, False] and routed.ids == ids
+    assert results[("x",)].correct == [True, False, False, False]  # inputs untouched
+    with pytest.raises(KeyError, match="geo"):
+        gating.route_results(results, {"bio": ("x",)})
+    with pytest.raises(KeyError, match="no result|No result"):
+        gating.route_results(results, {"bio": ("z",), "geo": ("y",)})
 
 
 def test_prior_selection_per_domain(loaded_models):

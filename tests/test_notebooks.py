@@ -22,6 +22,7 @@ EXPECTED = {
             "accuracy.sender_alone",
             "accuracy.c2c",
             "accuracy.t2t",
+            "accuracy.t2t_answer",
             "accuracy.oracle",
         ],
     ),
@@ -33,7 +34,7 @@ EXPECTED = {
             "policies.equal",
             "policies.prior",
             "policies.learned_gate",
-            "policies.oracle_selection",
+            "policies.oracle_selection_knowing",
             "two_device.oracle",
             "two_device.policies.route to one (validation)",
             "two_device.policies.best two (validation)",
@@ -41,7 +42,15 @@ EXPECTED = {
     ),
     "04_case_study": (
         "case_study.json",
-        ["oracle", "panel_a_selected", "four_senders.KV-Rephrased", "four_senders.Token-TemplateSwap"],
+        [
+            "oracle",
+            "panel_a_selected",
+            "four_senders.KV-Rephrased",
+            "four_senders.Token-TemplateSwap",
+            "four_senders.Answer-Original",
+            "routed.accuracy.KV, routed",
+            "routed.accuracy.delegation",
+        ],
     ),
 }
 
@@ -112,6 +121,10 @@ def test_notebook_runs_with_smoke_parameters(path, tmp_path_factory):
             node = node[part]
         assert _accuracy_ok(node), f"{metrics_name}: {key} = {node}"
     assert list((results / "figures").glob("*.png")), "the notebook should save its figures"
+    paired = {k: v for k, v in metrics.items() if "paired" in k}  # every "A beats B": a paired difference
+    for group in paired.values():
+        for d in group.values():
+            assert d["ci_low"] <= d["diff"] <= d["ci_high"] and 0 < d["p_value"] <= 1 and d["n"] > 0, d
     if path.stem == "03_fedrefine":  # the gated sweep covers every sender count; checks are booleans
         assert metrics["by_senders_gate"]["k"] == [0, 1, 2, 3, 4]
         assert metrics["checks"] and all(isinstance(v, bool) for v in metrics["checks"].values())

@@ -24,9 +24,10 @@ from tqdm.auto import tqdm
 from ..data import background_messages, context_note, load_chat_records, load_mcq, rephrase_messages
 from ..decode import generate
 from ..engine import Standalone
-from ..evaluate import Accuracy, accuracy, score_mcq
+from ..evaluate import score_mcq
 from ..models import LoadedModel, ModelSpec, load_model
 from ..results import to_jsonable
+from ..stats import Estimate, cluster_accuracy, item_clusters
 from .build import World
 from .templates import parse_statement, rephrase_check, statement
 
@@ -36,12 +37,17 @@ def load_world_model(world: World, name: str) -> LoadedModel:
     return load_model(ModelSpec(name=name, source=str(world.model_dir(name))))
 
 
-def _by_domain(items: list[dict], correct: list[bool]) -> dict[str, Accuracy]:
-    """Accuracy per domain and over all items (key ``all``)."""
-    groups: dict[str, list[bool]] = {}
-    for it, c in zip(items, correct):
-        groups.setdefault(it["domain"], []).append(bool(c))
-    return {**{d: accuracy(c) for d, c in sorted(groups.items())}, "all": accuracy(correct)}
+def _by_domain(items: list[dict], correct: list[bool]) -> dict[str, Estimate]:
+    """Accuracy per domain and over all items (key ``all``), with cluster-bootstrap
+    intervals over the items' entities."""
+    clusters = item_clusters(items)
+    groups: dict[str, list[int]] = {}
+    for i, it in enumerate(items):
+        groups.setdefault(it["domain"], []).append(i)
+    per = {
+        d: cluster_accuracy([correct[i] for i in idx], [clusters[i] for i in idx]) for d, idx in sorted(groups.items())
+    }
+    return {**per, "all": cluster_accuracy(correct, clusters)}
 
 
 def _answers(
@@ -65,13 +71,13 @@ def leaked_entities(world: World) -> list[str]:
     return sorted(eval_entities & words)
 
 
-def standalone(loaded: LoadedModel, items: list[dict]) -> dict[str, Accuracy]:
+def standalone(loaded: LoadedModel, items: list[dict]) -> dict[str, Estimate]:
     """Held-out accuracy per domain (and ``all``) of one model alone."""
     result = score_mcq(loaded, items, method="loglik", batch_size=32, progress=False)
     return _by_domain(items, result.correct)
 
 
-def oracle(loaded: LoadedModel, items: list[dict], facts: dict[str, dict]) -> dict[str, Accuracy]:
+def oracle(loaded: LoadedModel, items: list[dict], facts: dict[str, dict]) -> dict[str, Estimate]:
     """Accuracy with the true fact (a two-fact item: both facts) given as the context note."""
     notes = [context_note([it.get("fact1") or statement(_fact(facts[it["fact_id"]]))]) for it in items]
     result = score_mcq(loaded, items, method="loglik", batch_size=32, contexts=notes, progress=False)
@@ -102,11 +108,12 @@ def rephrase_fidelity(loaded: LoadedModel, items: list[dict]) -> dict:
     doing both (``faithful_and_private``) and the share in a new template, with CIs."""
     texts = _answers(loaded, [rephrase_messages(it["question_stem"]) for it in items])
     checks = [rephrase_check(it["question_stem"], t) for it, t in zip(items, texts)]
+    clusters = item_clusters(items)
     return {
         **_by_domain(items, [f for f, _, _ in checks]),
-        "private_dropped": accuracy([d for _, d, _ in checks]),
-        "faithful_and_private": accuracy([f and d for f, d, _ in checks]),
-        "reworded": accuracy([r for _, _, r in checks]),
+        "private_dropped": cluster_accuracy([d for _, d, _ in checks], clusters),
+        "faithful_and_private": cluster_accuracy([f and d for f, d, _ in checks], clusters),
+        "reworded": cluster_accuracy([r for _, _, r in checks], clusters),
         "examples": [{"question": it["question_stem"], "rephrased": t} for it, t in list(zip(items, texts))[:6]],
     }
 

@@ -15,7 +15,6 @@ from ..data import MCQ_LABELS, background_messages, context_note, mcq_messages, 
 from .knowledge import RELATIONS, Fact
 from .templates import PRIVATE_PREFIXES, QUESTIONS, STATEMENTS, pair_answer, pair_question, question, statement
 
-
 _RELATION_DOMAIN = {rel: domain for domain, rels in RELATIONS.items() for rel in rels}
 
 
