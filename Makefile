@@ -15,7 +15,7 @@ EXTRA_mini := 01_c2c|c2c_qwen2.5-1.5b|-p sender_name mini-qwen2.5-1.5b -y 'ablat
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: all venv test test-fast lint format reproduce lab bench clean smol-weights
+.PHONY: all venv test test-fast lint format reproduce seeds lab bench clean smol-weights
 
 all: test
 
@@ -63,6 +63,24 @@ reproduce: $(STAMP)
 	    -p results_dir ../$(RESULTS)/$$out $$params --cwd notebooks --log-level WARNING"; \
 	  echo "== $$out done in $$(( $$(date +%s) - start )) s"; \
 	fi
+
+# The series for several world seeds (new world, new fusers, the frozen recipe), each into
+# results/<profile>/seeds/<seed>/, then the headline numbers over seeds (fedrefine_lib.seeds)
+# into results/<profile>/seeds.json and seeds.png. About 70 min a seed from empty on 2 cores.
+SEEDS ?= 0 1 2
+seeds: export TQDM_MININTERVAL ?= 30
+seeds: $(STAMP)
+	@set -e; start=$$(date +%s); for s in $(SEEDS); do \
+	  out=$(RESULTS)/seeds/$$s; mkdir -p $$out/executed; \
+	  for nb in $(NOTEBOOKS); do \
+	    name=$$(basename $$nb); t=$$(date +%s); echo "== seed $$s: $$name (profile=$(PROFILE))"; \
+	    $(PY) -m papermill $$nb $$out/executed/$$name -k $(KERNEL) -p profile $(PROFILE) -p seed $$s \
+	      -p results_dir ../$$out --cwd notebooks --log-level WARNING; \
+	    echo "== seed $$s: $$name done in $$(( $$(date +%s) - t )) s"; \
+	  done; \
+	done; \
+	$(PY) -m fedrefine_lib.seeds $(RESULTS)/seeds --out $(RESULTS)/seeds.json; \
+	echo "== seeds $(SEEDS) done in $$(( $$(date +%s) - start )) s"
 
 lab: $(STAMP)
 	$(PY) -m jupyter lab notebooks/

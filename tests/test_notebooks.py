@@ -121,6 +121,12 @@ def test_notebook_runs_with_smoke_parameters(path, tmp_path_factory):
             node = node[part]
         assert _accuracy_ok(node), f"{metrics_name}: {key} = {node}"
     assert list((results / "figures").glob("*.png")), "the notebook should save its figures"
+    from fedrefine_lib.seeds import HEADLINES, lookup
+
+    for label, (name, key) in HEADLINES.items():  # `make seeds` finds every headline it reads
+        if name == metrics_name:
+            value = lookup(metrics, key)
+            assert value is None or isinstance(value, (int, float)), (label, value)
     paired = {k: v for k, v in metrics.items() if "paired" in k}  # every "A beats B": a paired difference
     for group in paired.values():
         for d in group.values():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -117,3 +118,28 @@ def test_results_helpers_pair_mcq_results():
     assert list(d) == ["mid - base"] and d["mid - base"].diff == 0.5
     with pytest.raises(ValueError, match="same items"):
         closed_gap(base, result([True]), top)
+
+
+def test_seeds_summary(tmp_path):
+    from fedrefine_lib import seeds
+
+    heads = {"acc": ("a.json", "x.value"), "diff": ("b.json", "p.k - j.diff")}
+    for s, (acc, diff) in {0: (0.5, 0.1), 1: (0.7, -0.1), 2: (0.6, None)}.items():
+        (tmp_path / str(s)).mkdir()
+        (tmp_path / str(s) / "a.json").write_text(json.dumps({"x": {"value": acc}}))
+        (tmp_path / str(s) / "b.json").write_text(json.dumps({"p": {"k - j": {"diff": diff}}}))
+    (tmp_path / "notes").mkdir()  # not a seed folder: ignored
+    out = seeds.summarize_seeds(tmp_path, heads)
+    assert out["seeds"] == [0, 1, 2]
+    acc = out["headlines"]["acc"]
+    assert acc["mean"] == pytest.approx(0.6) and acc["sd"] == pytest.approx(0.1) and acc["n"] == 3
+    assert (acc["min"], acc["max"]) == (0.5, 0.7) and acc["per_seed"]["1"] == 0.7
+    diff = out["headlines"]["diff"]  # a NaN (None) seed is shown but not averaged
+    assert diff["n"] == 2 and diff["mean"] == pytest.approx(0.0) and math.isnan(diff["per_seed"]["2"])
+    assert "0.600" in seeds.table(out)[0]["over seeds"]
+    (tmp_path / "1" / "b.json").unlink()
+    with pytest.raises(FileNotFoundError, match="seed 1"):
+        seeds.summarize_seeds(tmp_path, heads)
+    assert seeds.summarize_seeds(tmp_path, heads, allow_missing=True)["headlines"]["diff"]["missing"] == [1]
+    with pytest.raises(FileNotFoundError, match="make seeds"):
+        seeds.summarize_seeds(tmp_path / "none", heads)
