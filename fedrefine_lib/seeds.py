@@ -27,6 +27,7 @@ HEADLINES: dict[str, tuple[str, str]] = {
     "01 T2T answer relay (sender's domains)": ("c2c.json", "accuracy_sender_domains.t2t_answer.value"),
     "01 C2C - receiver alone": ("c2c.json", "paired_sender_domains.c2c - receiver_alone.diff"),
     "01 C2C - answer relay": ("c2c.json", "paired_sender_domains.c2c - t2t_answer.diff"),
+    "01 C2C - fine-tuned receiver": ("c2c.json", "paired_sender_domains.c2c - finetuned_receiver.diff"),
     "03 4 senders, equal weights": ("fedrefine.json", "policies.equal.value"),
     "03 4 senders, learned gate": ("fedrefine.json", "policies.learned_gate.value"),
     "03 learned gate - equal": ("fedrefine.json", "paired.learned_gate - equal.diff"),

@@ -1,4 +1,5 @@
-"""Training (DESIGN §2): the LLMs frozen, only a fuser or a gate learns, in one loop.
+"""Training (DESIGN §2): the LLMs frozen, only a fuser or a gate learns, in one loop (and,
+as a control, the receiver itself fine-tuned on the same records).
 
 :func:`fit` is the loop: AdamW, linear warm-up then decay, gradient clipping, seeded batch
 order reshuffled every epoch, through Accelerate, so the same code trains on CPU, one GPU or
@@ -16,6 +17,7 @@ Shapes: ``B`` records per batch, answers ``[B, L]`` right padded, ``J`` senders.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -36,7 +38,7 @@ from fedrefine_lib.decode import stop_token_ids
 from fedrefine_lib.engine import Prefill, continue_prefill
 from fedrefine_lib.federation import C2C, Caches
 from fedrefine_lib.fuser import Fuser
-from fedrefine_lib.prompts import Record, right_pad, split_record
+from fedrefine_lib.prompts import Record, encode_prompts, right_pad, split_record
 
 
 @dataclass
@@ -294,3 +296,47 @@ def train_fuser(
     if config.loss_curve_path and accelerator.is_main_process:
         result.save(config.loss_curve_path)
     return result
+
+
+# ------------------------------------------------------------ the no-sender control
+
+
+def finetune_receiver(receiver, records: Sequence[Record], config: TrainConfig | None = None, name: str | None = None):
+    """The control C2C's readers ask for: a copy of ``receiver`` with every weight trained on
+    the fuser-training ``records`` (the same answer loss, no sender). If it matches a fuser,
+    the fuser's gain came from the records, not from the sender's cache.
+
+    Returns:
+        ``(tuned, result)``: a new ``LoadedModel`` (``receiver`` is untouched; fp32, eval
+        mode, frozen after training) and the :class:`TrainResult`.
+    """
+    config = config or TrainConfig()
+    if not records:
+        raise ValueError("No training records.")
+    accelerator = Accelerator(cpu=config.cpu, mixed_precision=config.mixed_precision)
+    tuned = dataclasses.replace(
+        receiver, name=name or f"{receiver.name}+finetuned", model=copy.deepcopy(receiver.model)
+    )
+    model = tuned.model.float().to(accelerator.device)
+    model.requires_grad_(True)
+    model.train()
+    fixed = batches(len(records), config)
+    tok, stops = receiver.tokenizer, stop_token_ids(receiver)
+
+    def make_loss(wrapped: torch.nn.Module) -> Callable[[int], torch.Tensor]:
+        def loss_of(b: int) -> torch.Tensor:
+            prompts, answers = zip(*(split_record(tok, records[i], stops) for i in fixed[b]))
+            ids, mask = encode_prompts(tok, list(prompts))  # [B, T], left padded
+            ans_ids, ans_mask = right_pad(list(answers), ids.device)  # [B, L]
+            full, full_mask = torch.cat([ids, ans_ids], 1), torch.cat([mask, ans_mask.to(mask)], 1)
+            positions = (full_mask.cumsum(-1) - 1).clamp(min=0)
+            logits = wrapped(input_ids=full, attention_mask=full_mask, position_ids=positions).logits
+            logits = logits[:, ids.shape[1] - 1 : -1]  # [B, L, V]: predicts each answer token
+            nll = F.cross_entropy(logits.float().flatten(0, 1), ans_ids.flatten(), reduction="none")
+            return (nll * ans_mask.flatten().to(nll)).sum() / ans_mask.sum()
+
+        return loss_of
+
+    result = fit(model, len(fixed), make_loss, config, desc="receiver fine-tuning", accelerator=accelerator)
+    freeze(model)
+    return tuned, result

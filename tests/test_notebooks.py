@@ -23,6 +23,7 @@ EXPECTED = {
             "accuracy.c2c",
             "accuracy.t2t",
             "accuracy.t2t_answer",
+            "accuracy.finetuned_receiver",
             "accuracy.oracle",
         ],
     ),

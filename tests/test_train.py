@@ -127,3 +127,20 @@ def test_split_record(qwen_tokenizer):
     assert qwen_tokenizer.decode(uncut) == records(1, 0)[0][-1]["content"] + "<|im_end|>\n"  # the template's tail
     with pytest.raises(ValueError, match="assistant"):
         train.split_record(qwen_tokenizer, [{"role": "user", "content": "hi"}])
+
+
+def test_finetune_receiver_learns_the_records_on_a_copy(tiny_models):
+    """The no-sender control trains every receiver weight on the records, on a copy."""
+    model, tok = tiny_models["qwen3"]
+    receiver = LoadedModel("qwen3", model, tok)
+    before = snapshot(model)
+    train_recs, held_out = records(160, 0), records(40, 1)
+    alone = key_accuracy(Standalone(receiver), held_out)
+    tuned, result = train.finetune_receiver(receiver, train_recs, toy_config(cache_prompts=False))
+    assert tuned.name == "qwen3+finetuned" and tuned.model is not model
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the receiver is untouched
+    assert result.losses[-1] < result.losses[0]
+    assert key_accuracy(Standalone(tuned), held_out) >= max(0.9, alone + 0.3)
+    assert not any(p.requires_grad for p in tuned.model.parameters())
+    with pytest.raises(ValueError, match="No training records"):
+        train.finetune_receiver(receiver, [])
