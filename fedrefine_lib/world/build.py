@@ -14,6 +14,7 @@ import json
 import multiprocessing as mp
 import shutil
 import time
+import warnings
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -213,6 +214,15 @@ def build_world(
         },
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
+    short = [n for n, log in logs.items() if log["phase2_step"] is None]
+    if short:
+        warnings.warn(
+            f"mini world (seed {seed}): {short} never reached phase1_accuracy={config.phase1_accuracy} on "
+            "validation within their step cap, so they never trained notes, private prefixes or two-fact "
+            "questions; world.json's acceptance block lists them (phase1_only). Try another seed or a larger "
+            "max_steps for them.",
+            stacklevel=2,
+        )
     if progress:
         print(
             f"mini world (seed {seed}) built in {manifest['seconds']['total']:.0f} s at {out}; "

@@ -120,8 +120,11 @@ def rephrase_fidelity(loaded: LoadedModel, items: list[dict]) -> dict:
 
 def acceptance(report: dict, world: World) -> dict:
     """The world's acceptance numbers: each model's lowest own-domain and highest
-    other-domain test accuracy, the receiver's oracle, rephrasing fidelity, and the
-    parameter ratios to the receiver."""
+    other-domain test accuracy, the receiver's oracle, rephrasing fidelity, the parameter
+    ratios to the receiver, and the models whose pretraining fell short: stopped by the step
+    cap instead of the stop criteria (``step_cap``), or never past phase 1 (``phase1_only``:
+    knowledge not at ``phase1_accuracy`` on validation, so notes, private prefixes and
+    two-fact questions were never trained)."""
     out: dict = {"own_min": {}, "other_max": {}}
     for name, by_domain in report["standalone"].items():
         known = world.knows[name]
@@ -132,6 +135,9 @@ def acceptance(report: dict, world: World) -> dict:
     out["rephrase_fidelity"] = report["rephrase"]["faithful_and_private"].value
     receiver = report["models"][world.receiver]["parameters"]
     out["parameter_ratio"] = {n: round(m["parameters"] / receiver, 2) for n, m in report["models"].items()}
+    built = world.manifest["models"]
+    out["step_cap"] = sorted(n for n, m in built.items() if not m["early_stopped"])
+    out["phase1_only"] = sorted(n for n, m in built.items() if m.get("final", {}).get("phase") == 1)
     return out
 
 
