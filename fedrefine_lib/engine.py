@@ -129,7 +129,7 @@ def sender_prefill(
         per sender layer ``[B, Hs, S, Ds]`` (``S = min(last, prompt width)`` with ``last``).
     """
     dev = device_of(sender.model)
-    with trace.time("sender_prefill"):
+    with trace.time_sender("sender_prefill", getattr(sender, "name", "sender")):
         cache = prefill(sender.model, alignment.sender_ids.to(dev), alignment.sender_mask.to(dev))
     mask = alignment.sender_mask
     if last is not None:

@@ -112,22 +112,43 @@ def transmission_seconds(
 
 
 def with_transmission(trace: Trace, links: Links = EDGE_UPLINK, *, queries: int = 1, parallel: bool = True) -> Trace:
-    """A copy of ``trace`` whose ``transmission`` stage is the time its per-link bytes take.
+    """A copy of ``trace`` with a ``transmission`` stage, senders either all in parallel or all
+    one after another, in compute and on the wire alike.
 
     Args:
-        trace: a trace whose ``bytes`` are per link (as engines record them).
+        trace: a trace whose ``bytes`` are per link ``"<sender>-><receiver>"`` (as engines
+            record them) and whose sender stages are recorded per sender (``per_sender``).
         links: the link model(s).
         queries: how many queries the trace covers; each query's payload is its own
             message, paying one one-way delay (so ``total_seconds / queries`` is a
             per-query latency).
-        parallel: senders' links transmit at the same time (slowest counts) or share one medium.
+        parallel: ``True``: every sender on its own device with its own link, so the sender
+            phase lasts as long as its slowest sender, compute plus transfer (that sender's
+            stages and link time are kept); ``False``: one machine and one shared medium,
+            sender stages and link times add up.
     Returns:
         a new trace; an existing ``transmission`` stage is replaced, not added to.
     """
     if queries < 1:
         raise ValueError(f"queries must be >= 1, got {queries}.")
     out = Trace().add(trace)
-    out.seconds["transmission"] = transmission_seconds(trace.bytes, links, queries, parallel)
+    per_link = link_seconds(trace.bytes, links, queries)
+    if not parallel or not trace.per_sender:
+        out.seconds["transmission"] = transmission_seconds(trace.bytes, links, queries, parallel)
+        return out
+    senders = sorted({s for stage in trace.per_sender.values() for s in stage})
+
+    def link_of(sender: str) -> float:
+        return sum(t for name, t in per_link.items() if name.split("->")[0] == sender)
+
+    def path(sender: str) -> float:
+        return sum(stage.get(sender, 0.0) for stage in trace.per_sender.values()) + link_of(sender)
+
+    slowest = max(senders, key=path)
+    for stage, seconds in trace.per_sender.items():
+        out.seconds[stage] = seconds.get(slowest, 0.0)
+    unattributed = [t for name, t in per_link.items() if name.split("->")[0] not in senders]
+    out.seconds["transmission"] = max([link_of(slowest), *unattributed])
     return out
 
 

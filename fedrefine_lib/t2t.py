@@ -89,7 +89,7 @@ def t2t_notes(
                     raise RuntimeError(
                         f"Unexpected stage {stage!r} in a sender's generation trace; map it in t2t_notes."
                     )
-                trace.seconds[key] = trace.seconds.get(key, 0.0) + seconds
+                trace.add_sender_seconds(key, {sender.name: seconds})
             for j, row in enumerate(rows):
                 text = data.tidy_text(sender.tokenizer.decode(row, skip_special_tokens=True))
                 texts[i + j].append(text if protocol == "background" else RELAY_TEMPLATE.format(answer=text))

@@ -19,11 +19,15 @@ class Trace:
             ``receiver_prefill``, ``projection``, ``combine``, ``decode``, ...), wall-clock seconds.
         bytes: per link (``"sender->receiver"``), bytes the transmitted payloads take on the wire.
         tokens: counts (``prompt``, ``sender_prompt``, ``generated``), real tokens only.
+        per_sender: for the stages senders run (``sender_prefill``, ``sender_decode``), the
+            seconds of each sender (``{stage: {sender: seconds}}``); ``seconds`` holds their sum
+            (one machine, one after another), ``network.with_transmission`` the parallel view.
     """
 
     seconds: dict[str, float] = field(default_factory=dict)
     bytes: dict[str, int] = field(default_factory=dict)
     tokens: dict[str, int] = field(default_factory=dict)
+    per_sender: dict[str, dict[str, float]] = field(default_factory=dict)
 
     @property
     def total_seconds(self) -> float:
@@ -38,7 +42,18 @@ class Trace:
         for mine, theirs in ((self.seconds, other.seconds), (self.bytes, other.bytes), (self.tokens, other.tokens)):
             for k, v in theirs.items():
                 mine[k] = mine.get(k, 0) + v
+        for stage, senders in other.per_sender.items():  # their sum is in ``seconds`` already
+            mine = self.per_sender.setdefault(stage, {})
+            for sender, s in senders.items():
+                mine[sender] = mine.get(sender, 0.0) + s
         return self
+
+    def add_sender_seconds(self, stage: str, seconds: dict[str, float]) -> None:
+        """Add per-sender ``seconds`` of ``stage`` (and their sum to ``self.seconds``)."""
+        mine = self.per_sender.setdefault(stage, {})
+        for sender, s in seconds.items():
+            mine[sender] = mine.get(sender, 0.0) + s
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + s
 
     def count(self, what: str, key: str, n: int) -> None:
         """Add ``n`` to ``bytes`` (``what="bytes"``) or ``tokens`` (``what="tokens"``) under ``key``."""
@@ -56,9 +71,21 @@ class Trace:
             _sync()
             self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
 
+    @contextmanager
+    def time_sender(self, stage: str, sender: str) -> Iterator[None]:
+        """As :meth:`time`, for a stage one sender runs (recorded per sender too)."""
+        _sync()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            _sync()
+            self.add_sender_seconds(stage, {sender: time.perf_counter() - start})
+
     def to_dict(self) -> dict:
         return {
             "seconds": dict(self.seconds),
+            "per_sender": {k: dict(v) for k, v in self.per_sender.items()},
             "total_seconds": self.total_seconds,
             "bytes": dict(self.bytes),
             "total_bytes": self.total_bytes,

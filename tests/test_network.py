@@ -46,6 +46,26 @@ def test_with_transmission_parallel_and_serial():
     assert net.with_transmission(Trace(), LINK).seconds["transmission"] == 0.0
 
 
+def test_with_transmission_senders_parallel_in_compute_and_on_the_wire():
+    """Per-sender stages: in parallel the slowest sender's compute + transfer is the sender
+    phase; one after another, everything adds up."""
+    trace = Trace(seconds={"receiver_prefill": 0.5})
+    trace.add_sender_seconds("sender_prefill", {"s1": 0.2, "s2": 1.0})
+    trace.add_sender_seconds("sender_decode", {"s1": 0.1})
+    trace.bytes = {"s1->r": 1_000_000, "s2->r": 100_000}  # 1.05 s and 0.15 s on LINK
+    assert trace.seconds["sender_prefill"] == pytest.approx(1.2)  # summed: one machine
+    par = net.with_transmission(trace, LINK)
+    # s1: 0.2 + 0.1 + 1.05 = 1.35 > s2: 1.0 + 0.15 = 1.15, so s1's stages and link count
+    assert par.seconds["sender_prefill"] == pytest.approx(0.2) and par.seconds["sender_decode"] == pytest.approx(0.1)
+    assert par.seconds["transmission"] == pytest.approx(1.05)
+    assert par.total_seconds == pytest.approx(0.5 + 1.35)
+    seq = net.with_transmission(trace, LINK, parallel=False)
+    assert seq.total_seconds == pytest.approx(0.5 + 1.2 + 0.1 + 1.05 + 0.15)
+    merged = Trace().add(trace).add(trace)
+    assert merged.per_sender["sender_prefill"] == {"s1": pytest.approx(0.4), "s2": pytest.approx(2.0)}
+    assert merged.seconds["sender_prefill"] == pytest.approx(2.4)
+
+
 def test_wire_bytes_table_exact():
     cfg = net.config_from_shape({"layers": 2, "kv_heads": 1, "head_dim": 4})
     table = net.wire_bytes_table({"a": cfg, "b": cfg}, kv_tokens={"a": 10, "b": 20}, text_tokens=5)
