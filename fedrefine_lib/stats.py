@@ -11,6 +11,7 @@ interval reproducible. Shapes: ``N`` items, ``C`` clusters, ``B`` bootstrap resa
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -89,7 +90,9 @@ def cluster_accuracy(
     correct: Sequence[bool], clusters: Sequence[str], n_boot: int = N_BOOT, seed: int = 0, level: float = LEVEL
 ) -> Estimate:
     """Share of True in ``correct`` with a percentile interval from resampling ``clusters``
-    (one label per item, e.g. its entity). ``nan`` value for no items."""
+    (one label per item, e.g. its entity). ``nan`` value for no items. When every item
+    agrees (0 % or 100 %) every resample does too, and the interval is Wilson's with the
+    number of clusters as the sample size."""
     _check(correct, clusters)
     n = len(correct)
     if n == 0:
@@ -97,9 +100,21 @@ def cluster_accuracy(
     x = np.asarray(correct, dtype=float)
     w, index = _weights(clusters, n_boot, seed)
     c = w.shape[1]
+    if x.min() == x.max():  # all right or all wrong: every resample agrees, so use Wilson on C clusters
+        lo, hi = _wilson(float(x[0]), c, level)
+        return Estimate(float(x[0]), n, lo, hi, c)
     stats = (w @ _sums(x, index, c)) / (w @ _sums(np.ones(n), index, c))  # [B]
     lo, hi = np.quantile(stats, [(1 - level) / 2, (1 + level) / 2])
     return Estimate(float(x.mean()), n, float(lo), float(hi), c)
+
+
+def _wilson(p: float, n: int, level: float) -> tuple[float, float]:
+    """Wilson score interval of a share ``p`` out of ``n``."""
+    z = statistics.NormalDist().inv_cdf((1 + level) / 2)
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def mcnemar_p(a_only: int, b_only: int) -> float:

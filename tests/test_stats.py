@@ -28,8 +28,10 @@ def test_cluster_interval_is_wider_than_wilson_when_items_share_clusters():
 
 
 def test_cluster_interval_degenerate_cases_and_determinism():
-    ones = cluster_accuracy([True] * 6, list("aabbcc"))
-    assert (ones.value, ones.ci_low, ones.ci_high) == (1.0, 1.0, 1.0)
+    ones = cluster_accuracy([True] * 6, list("aabbcc"))  # Wilson on 3 clusters, not a zero-width interval
+    assert (ones.value, ones.ci_high) == (1.0, 1.0) and ones.ci_low == pytest.approx(accuracy([True] * 3).ci_low)
+    zeros = cluster_accuracy([False] * 6, list("aabbcc"))
+    assert zeros.ci_low == 0.0 and zeros.ci_high == pytest.approx(accuracy([False] * 3).ci_high)
     assert math.isnan(cluster_accuracy([], []).value)
     correct, clusters = _clustered()
     assert cluster_accuracy(correct, clusters, seed=3) == cluster_accuracy(correct, clusters, seed=3)
