@@ -31,7 +31,14 @@ from fedrefine_lib import data
 from fedrefine_lib.decode import generate
 from fedrefine_lib.engine import Prefill, Standalone, continue_prefill
 from fedrefine_lib.prompts import right_pad
-from fedrefine_lib.stats import Difference, Estimate, cluster_accuracy, item_clusters, paired_difference
+from fedrefine_lib.stats import (
+    Difference,
+    Estimate,
+    cluster_accuracy,
+    item_clusters,
+    paired_difference,
+    wilson_accuracy,
+)
 from fedrefine_lib.trace import Trace
 
 METHODS = ("loglik", "letter", "generate")
@@ -42,29 +49,10 @@ LETTER_INSTRUCTION = "Answer with the letter of the correct option."
 # ------------------------------------------------------------------------ accuracy
 
 
-@dataclass(frozen=True)
-class Accuracy:
-    """An accuracy with its 95 % Wilson score interval."""
-
-    value: float
-    n: int
-    ci_low: float
-    ci_high: float
-
-    def __str__(self) -> str:
-        return f"{100 * self.value:.1f}% [{100 * self.ci_low:.1f}, {100 * self.ci_high:.1f}] (n={self.n})"
-
-
-def accuracy(correct: Sequence[bool], z: float = 1.959964) -> Accuracy:
-    """Fraction of True in ``correct`` with its Wilson interval (``nan`` value for n=0)."""
-    n = len(correct)
-    if n == 0:
-        return Accuracy(float("nan"), 0, 0.0, 1.0)
-    p = sum(bool(c) for c in correct) / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return Accuracy(p, n, max(0.0, centre - half), min(1.0, centre + half))
+Accuracy = Estimate
+"""An accuracy with its 95 % interval (:class:`.stats.Estimate`)."""
+accuracy = wilson_accuracy
+"""Accuracy of a bare list of outcomes, Wilson's interval (:func:`.stats.wilson_accuracy`)."""
 
 
 @dataclass
@@ -110,7 +98,8 @@ class McqResult:
 
     def where(self, domains: Sequence[str]) -> McqResult:
         """The items of the given ``domains`` only (same order; trace not carried)."""
-        keep = [i for i, d in enumerate(self.domains) if d in set(domains)]
+        wanted = set(domains)
+        keep = [i for i, d in enumerate(self.domains) if d in wanted]
         clusters = self.cluster_labels()
 
         def pick(xs: list) -> list:

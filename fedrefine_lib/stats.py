@@ -23,7 +23,8 @@ LEVEL = 0.95
 
 @dataclass(frozen=True)
 class Estimate:
-    """A share with its cluster-bootstrap interval (``clusters`` resampled, ``n`` items)."""
+    """A share with its 95 % interval: a cluster bootstrap (``clusters`` resampled, ``n``
+    items) or, from :func:`wilson_accuracy`, Wilson's (every item its own cluster)."""
 
     value: float
     n: int
@@ -101,11 +102,20 @@ def cluster_accuracy(
     w, index = _weights(clusters, n_boot, seed)
     c = w.shape[1]
     if x.min() == x.max():  # all right or all wrong: every resample agrees, so use Wilson on C clusters
-        lo, hi = _wilson(float(x[0]), c, level)
-        return Estimate(float(x[0]), n, lo, hi, c)
+        return Estimate(float(x[0]), n, *_wilson(float(x[0]), c, level), c)
     stats = (w @ _sums(x, index, c)) / (w @ _sums(np.ones(n), index, c))  # [B]
     lo, hi = np.quantile(stats, [(1 - level) / 2, (1 + level) / 2])
     return Estimate(float(x.mean()), n, float(lo), float(hi), c)
+
+
+def wilson_accuracy(correct: Sequence[bool], level: float = LEVEL) -> Estimate:
+    """Share of True in ``correct`` with Wilson's score interval, items taken as independent
+    (``nan`` value for no items)."""
+    n = len(correct)
+    if n == 0:
+        return Estimate(float("nan"), 0, 0.0, 1.0, 0)
+    p = sum(bool(c) for c in correct) / n
+    return Estimate(p, n, *_wilson(p, n, level), n)
 
 
 def _wilson(p: float, n: int, level: float) -> tuple[float, float]:

@@ -63,24 +63,16 @@ class Trace:
     @contextmanager
     def time(self, stage: str) -> Iterator[None]:
         """Add the wall-clock time of the ``with`` body to ``stage`` (synchronising CUDA)."""
-        _sync()
-        start = time.perf_counter()
-        try:
+        with _clock() as elapsed:
             yield
-        finally:
-            _sync()
-            self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + elapsed[0]
 
     @contextmanager
     def time_sender(self, stage: str, sender: str) -> Iterator[None]:
         """As :meth:`time`, for a stage one sender runs (recorded per sender too)."""
-        _sync()
-        start = time.perf_counter()
-        try:
+        with _clock() as elapsed:
             yield
-        finally:
-            _sync()
-            self.add_sender_seconds(stage, {sender: time.perf_counter() - start})
+        self.add_sender_seconds(stage, {sender: elapsed[0]})
 
     def to_dict(self) -> dict:
         return {
@@ -91,6 +83,19 @@ class Trace:
             "total_bytes": self.total_bytes,
             "tokens": dict(self.tokens),
         }
+
+
+@contextmanager
+def _clock() -> Iterator[list[float]]:
+    """Wall-clock seconds of the ``with`` body (CUDA synchronised), in ``[seconds]`` on exit."""
+    elapsed = [0.0]
+    _sync()
+    start = time.perf_counter()
+    try:
+        yield elapsed
+    finally:
+        _sync()
+        elapsed[0] = time.perf_counter() - start
 
 
 def _sync() -> None:

@@ -163,3 +163,17 @@ def test_c2c_trace_bytes_are_encoded_payloads_and_stages_add_up(loaded_models):
     assert sent.seconds["transmission"] == pytest.approx(LINK.transfer_seconds(encoded, messages=2))
     assert sent.total_seconds == pytest.approx(sum(sent.seconds.values()))
     assert sent.total_seconds == pytest.approx(trace.total_seconds + sent.seconds["transmission"])
+
+
+def test_trace_times_sender_stages_per_sender():
+    trace = Trace()
+    with trace.time_sender("sender_prefill", "s1"):
+        pass
+    with trace.time_sender("sender_prefill", "s2"):
+        sum(range(10000))
+    with trace.time("projection"):
+        pass
+    stage = trace.per_sender["sender_prefill"]
+    assert set(stage) == {"s1", "s2"} and all(v >= 0 for v in stage.values())
+    assert trace.seconds["sender_prefill"] == pytest.approx(sum(stage.values()))
+    assert "projection" in trace.seconds and "projection" not in trace.per_sender
