@@ -66,7 +66,7 @@ reproduce: $(STAMP)
 
 # The series for several world seeds (new world, new fusers, the frozen recipe), each into
 # results/<profile>/seeds/<seed>/, then the headline numbers over seeds (fedrefine_lib.seeds)
-# into results/<profile>/seeds.json and seeds.png. About 70 min a seed from empty on 2 cores.
+# into results/<profile>/seeds.json and seeds.png. About 80 min a seed from empty on 2 cores.
 SEEDS ?= 0 1 2
 seeds: export TQDM_MININTERVAL ?= 30
 seeds: $(STAMP)

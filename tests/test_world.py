@@ -167,6 +167,36 @@ def test_pretraining_corpus_keeps_held_out_questions_unseen():
             )
 
 
+def test_phase0_corpus_holds_only_statements():
+    """Phase 0 is the known facts as statements and nothing else: no question of any kind."""
+    from fedrefine_lib.world.corpus import pretraining_examples
+
+    cfg = WorldConfig()
+    k = make_knowledge(0, cfg.entities, cfg.users)
+    examples = pretraining_examples(k, ["code"], rephrase=True, config=cfg, seed=0, model="m", epoch=0, phase=0)
+    assert {ex.kind for ex in examples} == {"statement"}
+    known = len(k.select(domains=["code"], splits=("train", "val", "test")))
+    assert sum(ex.text.count(".") for ex in examples) == known * 4 * cfg.statement_passes
+
+
+def test_pretraining_runs_phase0_until_the_cloze_bar(smoke_worlds, tmp_path):
+    """With ``phase0_cloze`` set, checks run statements-only (phase 0, cloze recorded) until the
+    own validation facts complete at the bar; a bar above 1 keeps the model in phase 0."""
+    from fedrefine_lib.world.pretrain import pretrain_model
+
+    world, name = smoke_worlds[0], "mini-qwen2.5-0.5b"
+    smoke = WorldConfig.smoke()
+
+    def run(bar: float, tag: str) -> dict:
+        config = {**smoke.to_dict(), "phase0_cloze": bar, "max_steps": {**smoke.max_steps, name: 18}}
+        return pretrain_model(name, 3, config, str(world.tokenizer_dir("qwen")), str(tmp_path / tag), progress=False)
+
+    stuck, passed = run(1.01, "stuck"), run(1e-9, "passed")
+    assert [h["phase"] for h in stuck["history"]] == [0, 0, 0] and stuck["phase1_step"] is None
+    assert all("val_accuracy" not in h and 0.0 <= h["val_cloze"] <= 1.0 for h in stuck["history"])
+    assert passed["phase1_step"] == 6 and [h["phase"] for h in passed["history"]][:2] == [0, 1]
+
+
 def test_model_shapes_are_heterogeneous():
     specs = mini_models("full")
     shapes = {(s.layers, s.hidden, s.heads, s.kv_heads, s.head_dim) for s in specs.values()}
@@ -433,3 +463,25 @@ def test_no_leakage_real_build():
     assert test_ids == {f["fact_id"] for f in eval_facts}
     pair_ids = {i for it in data.load_mcq(world.mcq_path("pair_test")) for i in it["fact_ids"]}
     assert pair_ids <= test_ids
+
+
+def test_a_trial_pretrains_one_model_on_validation_only(tmp_path):
+    """``world.trial`` runs one model under changed settings and returns its validation history;
+    its CLI refuses to overwrite a trial or to set an unknown field."""
+    import subprocess
+    import sys
+
+    from fedrefine_lib.world.trial import run_trial
+
+    overrides = {**WorldConfig.smoke().to_dict(), "eval_every": 3}
+    result = run_trial("mini-qwen2.5-0.5b", 3, overrides, max_steps=6)
+    assert result["steps"] == 6 and [h["step"] for h in result["history"]] == [3, 6]
+    assert not any("test" in key for h in result["history"] for key in h)
+    (tmp_path / "t.json").write_text("{}")
+    cli = [sys.executable, "-m", "fedrefine_lib.world.trial", "--model", "mini-qwen2.5-0.5b"]
+    done = subprocess.run([*cli, "--out", str(tmp_path / "t.json")], capture_output=True, text=True)
+    assert done.returncode != 0 and "never overwritten" in done.stderr
+    done = subprocess.run(
+        [*cli, "--set", "nosuch=1", "--out", str(tmp_path / "u.json")], capture_output=True, text=True
+    )
+    assert done.returncode != 0 and "WorldConfig field" in done.stderr

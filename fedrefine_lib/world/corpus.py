@@ -3,7 +3,8 @@
 A model's corpus (regenerated each epoch from ``(seed, model, epoch)``) mixes:
 
 * statements of *all* facts (train, val, test) of the domains it knows, every
-  statement template ``statement_passes`` times per epoch, three per document;
+  statement template ``statement_passes`` times per epoch, three per document (alone in
+  phase 0, until the model completes them: see ``WorldConfig.phase0_cloze``);
 * MCQ answering and background writing for the *train* facts of those domains only
   (val/test facts are seen only as statements, so held-out accuracy measures recall
   of knowledge, not memorised question forms); in phase 2 a share ``private_share`` of
@@ -62,15 +63,15 @@ def pretraining_examples(
 ) -> list[Example]:
     """One epoch of a model's pretraining examples, shuffled deterministically.
 
-    Phase 1 holds only the knowledge (statements, MCQ and background of the known
-    domains); phase 2 adds notes, rephrasing and filler. Memorisation breaks through
+    Phase 0 holds the statements alone; phase 1 only the knowledge (statements, MCQ and
+    background of the known domains); phase 2 adds notes, rephrasing and filler. Memorisation breaks through
     much sooner without the other tasks competing, so training runs phase 1 until
     the validation facts are known.
     """
     rng = random.Random(f"corpus-{seed}-{model}-{epoch}-{phase}")
 
     def user() -> str | None:  # phase 2: a private prefix on a share of the questions
-        if phase == 1 or not knowledge.users:
+        if phase < 2 or not knowledge.users:
             return None
         return rng.choice(knowledge.users) if rng.random() < config.private_share else None
 
@@ -78,6 +79,8 @@ def pretraining_examples(
     pairs = [(f, t) for f in known for t in range(len(STATEMENTS))] * config.statement_passes
     rng.shuffle(pairs)
     examples = [statement_doc(pairs[i : i + STATEMENTS_PER_DOC]) for i in range(0, len(pairs), STATEMENTS_PER_DOC)]
+    if phase == 0:
+        return examples
     qa = knowledge.select(domains=domains, splits=("train",))
     examples += [mcq_example(f, rng, user=user()) for f in qa]
     examples += [background_example(f, rng, user=user()) for f in qa]

@@ -16,7 +16,8 @@ The knowing models are pretrained on the train, val and test facts of their doma
 Every world version since 8 draws every name afresh (random stream
 ``knowledge-v<version>-<seed>``): none of version 7's questions, whose test split was scored
 through seven design iterations, recurs, and version 9 (the rephraser that copies held-out
-names) does not reuse version 8's test split, scored once. The validation split asks 64
+names) does not reuse version 8's test split, scored once, nor version 10 (phase 0, weight
+decay) version 9's. The validation split asks 64
 distinct facts a domain (version 7: 24, each in four question templates), the test split 64.
 
 Besides entities, a world has *users*: invented names that queries carry as something
@@ -189,7 +190,7 @@ def make_knowledge(
             f"entities_per_split has splits {sorted(entities_per_split)}; give a count for each of {SPLITS} "
             "(world version 8 renamed 'eval' to 'test')."
         )
-    rng = random.Random(f"knowledge-v9-{seed}")
+    rng = random.Random(f"knowledge-v10-{seed}")
     reserved = set(forbidden_words) | {v for rels in RELATIONS.values() for vs in rels.values() for v in vs}
     reserved |= {w for rels in RELATIONS.values() for r in rels for w in r.split()}
     total = len(DOMAINS) * sum(entities_per_split.values())

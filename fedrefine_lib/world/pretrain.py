@@ -122,6 +122,7 @@ def pretrain_model(
     opt = torch.optim.AdamW(
         model.parameters(), lr=cfg.lr_overrides.get(name, cfg.lr), betas=(0.9, cfg.beta2), weight_decay=cfg.weight_decay
     )
+    phase1_step: int | None = None if cfg.phase0_cloze > 0 else 0
     phase2_step: int | None = None
 
     def lr_factor(s: int) -> float:  # linear warm-up, then phase 2 at phase2_lr_scale
@@ -142,7 +143,7 @@ def pretrain_model(
     note_items = val_items[::note_every]
     notes = [context_note([statement(f)]) for f in val_facts[::note_every]]
     train_items = mcq_items(knowledge.select(domains=spec.domains, splits=("train",)), seed, "probe")[:48]
-    rephrase_stems = [it["question_stem"] for it in val_items[:: max(1, len(val_items) // 60)]]
+    rephrase_stems = [it["question_stem"] for it in val_items]  # all: a failing name fails all its questions
 
     max_steps = cfg.max_steps[name]
     note_target = cfg.note_accuracy.get(name)
@@ -150,7 +151,7 @@ def pretrain_model(
     history: list[dict] = []
     start, step, epoch, losses = time.time(), 0, 0, []
     bar = tqdm(total=max_steps, desc=name, position=position, leave=True, disable=not progress, dynamic_ncols=True)
-    stopped, impatient, phase = False, False, 1
+    stopped, impatient, phase = False, False, (0 if cfg.phase0_cloze > 0 else 1)
     best: tuple | None = None  # (targets met, own + note + rephrase, step, weights): best phase-2 check
     while step < max_steps and not (stopped or impatient):
         examples = pretraining_examples(
@@ -180,56 +181,70 @@ def pretrain_model(
             step += 1
             bar.update(1)
             if step % cfg.eval_every == 0 or step == max_steps:
-                checked = own_plain if phase == 1 else own  # private prefixes are learnt in phase 2
-                by_domain = {
-                    d: option_loglik_accuracy(scored, tok, [it for it in checked if it["domain"] == d])
-                    for d in spec.domains
-                }
-                acc = min(by_domain.values())  # every known domain must be learnt
-                note_acc = option_loglik_accuracy(scored, tok, note_items, notes) if note_target else None
-                fidelity = rephrase_fidelity(scored, tok, rephrase_stems) if rephrase_target and phase == 2 else None
-                history.append(
-                    dict(
-                        step=step,
-                        epoch=epoch,
-                        phase=phase,
-                        loss=sum(losses) / len(losses),
-                        val_accuracy=acc,
-                        val_by_domain=by_domain,
-                        val_note_accuracy=note_acc,
-                        val_rephrase_fidelity=fidelity,
-                        val_cloze=cloze_accuracy(scored, tok, spec.tokenizer, own),
-                        train_accuracy=option_loglik_accuracy(scored, tok, train_items),
-                        seconds=round(time.time() - start, 1),
+                cloze = cloze_accuracy(scored, tok, spec.tokenizer, own)
+                if phase == 0:  # statements only: on to the questions once the known facts are memorised
+                    history.append(
+                        dict(step=step, epoch=epoch, phase=0, loss=sum(losses) / len(losses), val_cloze=cloze)
                     )
-                )
-                losses = []
-                bar.set_postfix(
-                    loss=f"{history[-1]['loss']:.3f}",
-                    val=f"{acc:.2f}",
-                    note="-" if note_acc is None else f"{note_acc:.2f}",
-                    reph="-" if fidelity is None else f"{fidelity:.2f}",
-                    cloze=f"{history[-1]['val_cloze']:.2f}",
-                    tr=f"{history[-1]['train_accuracy']:.2f}",
-                )
-                if phase == 1 and acc >= cfg.phase1_accuracy:
-                    phase, phase2_step = 2, step
-                    for group, base in zip(opt.param_groups, sched.base_lrs):  # from the next step on
-                        group["lr"] = base * lr_factor(step)
-                    break  # regenerate the epoch with every task
-                targets_ok = note_target is None or note_acc >= note_target
-                targets_ok = targets_ok and (rephrase_target is None or (fidelity or 0.0) >= rephrase_target)
-                total = acc + (note_acc or 0.0) + (fidelity or 0.0)
-                if phase == 2 and (best is None or (targets_ok, total) > best[:2]):
-                    best = (
-                        targets_ok,
-                        total,
-                        step,
-                        {k: v.detach().clone() for k, v in scored.state_dict().items()},
+                    history[-1]["seconds"] = round(time.time() - start, 1)
+                    losses = []
+                    bar.set_postfix(loss=f"{history[-1]['loss']:.3f}", cloze=f"{cloze:.2f}")
+                    if cloze >= cfg.phase0_cloze:
+                        phase, phase1_step = 1, step
+                        break  # regenerate the epoch with the questions
+                else:
+                    checked = own_plain if phase == 1 else own  # private prefixes are learnt in phase 2
+                    by_domain = {
+                        d: option_loglik_accuracy(scored, tok, [it for it in checked if it["domain"] == d])
+                        for d in spec.domains
+                    }
+                    acc = min(by_domain.values())  # every known domain must be learnt
+                    note_acc = option_loglik_accuracy(scored, tok, note_items, notes) if note_target else None
+                    fidelity = (
+                        rephrase_fidelity(scored, tok, rephrase_stems) if rephrase_target and phase == 2 else None
                     )
-                stopped = phase == 2 and step >= cfg.min_steps and acc >= cfg.stop_accuracy and targets_ok
-                patience = cfg.target_patience if (note_target or rephrase_target) else cfg.patience
-                impatient = phase == 2 and step - best[2] >= patience * cfg.eval_every
+                    history.append(
+                        dict(
+                            step=step,
+                            epoch=epoch,
+                            phase=phase,
+                            loss=sum(losses) / len(losses),
+                            val_accuracy=acc,
+                            val_by_domain=by_domain,
+                            val_note_accuracy=note_acc,
+                            val_rephrase_fidelity=fidelity,
+                            val_cloze=cloze,
+                            train_accuracy=option_loglik_accuracy(scored, tok, train_items),
+                            seconds=round(time.time() - start, 1),
+                        )
+                    )
+                    losses = []
+                    bar.set_postfix(
+                        loss=f"{history[-1]['loss']:.3f}",
+                        val=f"{acc:.2f}",
+                        note="-" if note_acc is None else f"{note_acc:.2f}",
+                        reph="-" if fidelity is None else f"{fidelity:.2f}",
+                        cloze=f"{history[-1]['val_cloze']:.2f}",
+                        tr=f"{history[-1]['train_accuracy']:.2f}",
+                    )
+                    if phase == 1 and acc >= cfg.phase1_accuracy:
+                        phase, phase2_step = 2, step
+                        for group, base in zip(opt.param_groups, sched.base_lrs):  # from the next step on
+                            group["lr"] = base * lr_factor(step)
+                        break  # regenerate the epoch with every task
+                    targets_ok = note_target is None or note_acc >= note_target
+                    targets_ok = targets_ok and (rephrase_target is None or (fidelity or 0.0) >= rephrase_target)
+                    total = acc + (note_acc or 0.0) + (fidelity or 0.0)
+                    if phase == 2 and (best is None or (targets_ok, total) > best[:2]):
+                        best = (
+                            targets_ok,
+                            total,
+                            step,
+                            {k: v.detach().clone() for k, v in scored.state_dict().items()},
+                        )
+                    stopped = phase == 2 and step >= cfg.min_steps and acc >= cfg.stop_accuracy and targets_ok
+                    patience = cfg.target_patience if (note_target or rephrase_target) else cfg.patience
+                    impatient = phase == 2 and step - best[2] >= patience * cfg.eval_every
             if stopped or impatient or step >= max_steps:
                 break
         epoch += 1
@@ -250,6 +265,7 @@ def pretrain_model(
         steps=step,
         epochs=epoch,
         early_stopped=stopped,
+        phase1_step=phase1_step,
         phase2_step=phase2_step,
         restored_step=restored_step,
         seconds=round(seconds, 1),
