@@ -305,6 +305,13 @@ def score_mcq(
             )
             scores = [[] for _ in batch]
             preds = [extract_answer(o, l, t) for o, l, t in zip(outputs, labels, texts)]
+        unscored = [(it.get("id"), sc) for it, p, sc in zip(batch, preds, scores) if sc and p is None]
+        if unscored:
+            raise ValueError(
+                f"Option scores that are NaN or infinite for items {unscored[:3]}: the receiver's logits "
+                "overflowed or the fusion produced NaN. Load the models in float32 (ModelSpec dtype) and check "
+                "the fuser's weights; no question is scored as wrong for it."
+            )
         result.trace.add(trace)
         for it, p, s, o in zip(batch, preds, scores, outputs):
             result.ids.append(str(it.get("id", len(result.ids))))

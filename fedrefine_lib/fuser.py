@@ -415,9 +415,10 @@ def unwrap(fuser: nn.Module) -> Fuser:
 
 
 def _parse(meta: dict[str, Any]) -> FuserConfig:
-    config = dict(meta["config"])
-    config.setdefault("kind", meta.get("kind", "residual"))  # fusers saved before kind joined the config
-    return FuserConfig(**config)
+    """The saved config, every field present (a missing one would silently take its default)."""
+    if missing := [f for f in FuserConfig.__dataclass_fields__ if f not in meta["config"]]:
+        raise KeyError(f"config lacks {missing}")
+    return FuserConfig(**meta["config"])
 
 
 def load_fuser(directory: str | Path, receiver=None, sender=None, kind: str | None = None) -> Fuser:

@@ -8,16 +8,23 @@ Layout on disk::
 
 ``variant`` names a recipe of the same pair (``"default"``, or ablations such as
 ``"reencode"``). A stored fuser is reused only while the recipe that made it is unchanged
-(fuser config, training config and training data hash); otherwise it is retrained.
+(fuser config, training config, training data hash and both models' fingerprints: weights,
+tokenizer, chat template); otherwise it is retrained.
+
+Concurrent and interrupted runs cannot corrupt the hub (:mod:`.store`): a pair's directory is
+written to a staging directory and published whole by rename; one trainer of a pair at a time
+(a second waits, then reuses the result); readers hold a shared lock; a corrupt or incomplete
+pair is moved aside with a warning and retrained. Names are single path components, so
+nothing is written outside the root.
 """
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import multiprocessing as mp
 import os
+import shutil
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
@@ -27,8 +34,9 @@ from typing import Any
 
 import torch
 
-from .fuser import KINDS, Fuser, FuserConfig, build_fuser, load_fuser
+from .fuser import KINDS, Fuser, FuserConfig, FuserLoadError, build_fuser, load_fuser
 from .prompts import Record
+from .store import check_name, lock_path, locked, publish, quarantine, staging_dir
 from .train import TrainConfig, TrainResult, train_fuser
 
 BLOCK_ONLY_OPTIONS: tuple[str, ...] = ("sender_positions",)
@@ -51,10 +59,12 @@ def records_hash(records: Sequence[Record]) -> str:
     return hashlib.sha256(json.dumps(list(records), sort_keys=True).encode()).hexdigest()[:16]
 
 
-def recipe(fuser_config: FuserConfig, train_config: TrainConfig, data_hash: str) -> dict[str, Any]:
-    """What determines a trained fuser, as JSON-ready data."""
+def recipe(
+    fuser_config: FuserConfig, train_config: TrainConfig, data_hash: str, models: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """What determines a trained fuser, as JSON-ready data (``models``: role -> fingerprint)."""
     train = {k: v for k, v in train_config.to_dict().items() if k not in _VOLATILE}
-    return {"fuser": fuser_config.to_dict(), "train": train, "data": data_hash}
+    return {"fuser": fuser_config.to_dict(), "train": train, "data": data_hash, "models": models or {}}
 
 
 def default_variant(kind: str) -> str:
@@ -152,18 +162,28 @@ class FuserHub:
     # ------------------------------------------------------------------ paths/index
 
     def pair_dir(self, sender: str, receiver: str, variant: str = "default") -> Path:
-        return self.root / f"{sender}--{receiver}" / variant
+        """Where F_{sender->receiver} of ``variant`` lives (names checked: one path component each)."""
+        check_name(sender, "Sender name")
+        check_name(receiver, "Receiver name")
+        return self.root / f"{sender}--{receiver}" / check_name(variant, "Hub variant")
 
     def index(self) -> dict[str, dict[str, Any]]:
         path = self.root / INDEX_FILE
-        return json.loads(path.read_text()) if path.is_file() else {}
+        if not path.is_file():
+            return {}
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(
+                f"The hub index {path} is not valid JSON ({err}); it lists the fusers stored beside it. Move it "
+                "aside: the hub then sees no fuser and trains each again when asked."
+            ) from err
 
     @contextmanager
     def _updating_index(self) -> Iterator[dict[str, dict[str, Any]]]:
         """Read, change and write the index under a file lock (workers of
         :meth:`train_missing` store fusers at the same time)."""
-        with open(self.root / LOCK_FILE, "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        with locked(self.root / LOCK_FILE):
             index = self.index()
             yield index
             tmp = self.root / f"{INDEX_FILE}.tmp"
@@ -175,11 +195,15 @@ class FuserHub:
         return f"{sender}->{receiver}/{variant}"
 
     def has(self, sender: str, receiver: str, variant: str = "default", recipe: dict | None = None) -> bool:
-        """Whether F_{sender->receiver} is stored (and, given ``recipe``, made by it)."""
-        entry = self.index().get(self.key(sender, receiver, variant))
-        if entry is None or not (self.pair_dir(sender, receiver, variant) / TRAIN_FILE).is_file():
+        """Whether F_{sender->receiver} is stored (and, given ``recipe``, made by it: the
+        recipe in the pair's own ``train.json``, published with its weights)."""
+        if self.key(sender, receiver, variant) not in self.index():
             return False
-        return recipe is None or entry.get("recipe") == json.loads(json.dumps(recipe))
+        try:
+            stored = self.training(sender, receiver, variant).get("recipe")
+        except (FileNotFoundError, json.JSONDecodeError):
+            return False
+        return recipe is None or stored == json.loads(json.dumps(recipe))
 
     # ----------------------------------------------------------------- get / put
 
@@ -195,7 +219,9 @@ class FuserHub:
                 "Train it with FuserHub.train_missing(...) or FuserHub.get_or_train(...)."
             )
         models = (receiver, sender) if hasattr(sender, "model") and hasattr(receiver, "model") else (None, None)
-        return load_fuser(self.pair_dir(s_name, r_name, variant), *models)
+        directory = self.pair_dir(s_name, r_name, variant)
+        with locked(lock_path(directory), shared=True):  # never half of a pair being published
+            return load_fuser(directory, *models)
 
     def fusers(self, receiver, senders, kind: str = "residual", variant: str | None = None) -> dict[str, Fuser]:
         """Every sender's fuser for ``receiver`` of one fusion mode, ``{sender name: fuser}``
@@ -215,32 +241,46 @@ class FuserHub:
         return fusers
 
     def training(self, sender: str, receiver: str, variant: str = "default") -> dict[str, Any]:
-        """The stored training record (loss curve, configs) of a fuser."""
-        return json.loads((self.pair_dir(sender, receiver, variant) / TRAIN_FILE).read_text())
+        """The stored training record (loss curve, configs, recipe) of a fuser."""
+        directory = self.pair_dir(sender, receiver, variant)
+        with locked(lock_path(directory), shared=True):
+            return json.loads((directory / TRAIN_FILE).read_text())
 
     def put(
         self, fuser: Fuser, result: TrainResult, recipe: dict[str, Any], variant: str = "default", **extra: Any
     ) -> Path:
-        """Store a trained fuser with its training record and add it to the index."""
+        """Store a trained fuser with its training record (published whole, see :mod:`.store`)
+        and add it to the index."""
         c = fuser.config
-        directory = fuser.save_pretrained(self.pair_dir(c.sender_name, c.receiver_name, variant))
-        (directory / TRAIN_FILE).write_text(json.dumps({**result.to_dict(), "recipe": recipe}, indent=2) + "\n")
+        directory = self.pair_dir(c.sender_name, c.receiver_name, variant)
+        staging = staging_dir(directory)
+        try:
+            fuser.save_pretrained(staging)
+            (staging / TRAIN_FILE).write_text(json.dumps({**result.to_dict(), "recipe": recipe}, indent=2) + "\n")
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)  # nothing half-written stays behind
+            raise
         tail = result.losses[-max(1, len(result.losses) // 10) :]
-        with self._updating_index() as index:
-            index[self.key(c.sender_name, c.receiver_name, variant)] = {
-                "sender": c.sender_name,
-                "receiver": c.receiver_name,
-                "variant": variant,
-                "path": str(directory.relative_to(self.root)),
-                "parameters": fuser.num_parameters(),
-                "layer_map": c.layer_map_kind,
-                "aligner": c.aligner,
-                "hidden": c.hidden,
-                "final_loss": sum(tail) / len(tail),
-                "steps": result.steps,
-                "recipe": recipe,
-                **extra,
-            }
+        entry = {
+            "sender": c.sender_name,
+            "receiver": c.receiver_name,
+            "variant": variant,
+            "path": str(directory.relative_to(self.root)),
+            "parameters": fuser.num_parameters(),
+            "layer_map": c.layer_map_kind,
+            "aligner": c.aligner,
+            "hidden": c.hidden,
+            "final_loss": sum(tail) / len(tail),
+            "steps": result.steps,
+            "recipe": recipe,
+            **extra,
+        }
+
+        def index_it() -> None:
+            with self._updating_index() as index:
+                index[self.key(c.sender_name, c.receiver_name, variant)] = entry
+
+        publish(staging, directory, then=index_it)  # weights and index entry change together
         return directory
 
     def annotate(self, sender: str, receiver: str, variant: str = "default", **fields: Any) -> None:
@@ -275,14 +315,20 @@ class FuserHub:
         train_config = train_config or TrainConfig()
         config = FuserConfig.for_pair(receiver, sender, kind=kind, **fuser_options)
         wanted = self.recipe_for(receiver, sender, records, train_config, kind, **fuser_options)
-        if not self.has(sender.name, receiver.name, variant, wanted):
+        directory = self.pair_dir(sender.name, receiver.name, variant)
+        with locked(lock_path(directory, "train")):  # one trainer of a pair; the next one reuses its fuser
+            if self.has(sender.name, receiver.name, variant, wanted):
+                try:
+                    return self.get(sender, receiver, variant), self.training(sender.name, receiver.name, variant)
+                except FuserLoadError as err:  # corrupt or incomplete: set aside, train again
+                    quarantine(directory, f"{type(err).__name__}: {err}")
             torch.manual_seed(train_config.seed)  # the fuser's initial weights are part of the recipe
             fuser = build_fuser(config)
             result = train_fuser(
                 receiver, sender, fuser, records, replace(train_config, loss_curve_path=None), aligner=config.aligner
             )
             self.put(fuser.eval(), result, wanted, variant)
-        return self.get(sender, receiver, variant), self.training(sender.name, receiver.name, variant)
+            return self.get(sender, receiver, variant), self.training(sender.name, receiver.name, variant)
 
     @staticmethod
     def recipe_for(
@@ -293,9 +339,10 @@ class FuserHub:
         kind: str = "residual",
         **fuser_options: Any,
     ) -> dict[str, Any]:
-        """The recipe a fuser of this pair, kind, options, settings and data is stored under."""
+        """The recipe a fuser of this pair, kind, options, settings, data and models is stored under."""
         config = FuserConfig.for_pair(receiver, sender, kind=kind, **fuser_options)
-        return recipe(config, train_config or TrainConfig(), records_hash(records))
+        models = {"receiver": receiver.fingerprint, "sender": sender.fingerprint}
+        return recipe(config, train_config or TrainConfig(), records_hash(records), models)
 
     def train_missing(
         self,
@@ -368,18 +415,8 @@ class FuserHub:
         """One row per stored fuser: pair, parameters, layer map, aligner, loss, gain."""
         import pandas as pd
 
-        cols = [
-            "sender",
-            "receiver",
-            "variant",
-            "parameters",
-            "layer_map",
-            "aligner",
-            "hidden",
-            "steps",
-            "final_loss",
-            "heldout_gain",
-        ]
+        cols = ["sender", "receiver", "variant", "parameters", "layer_map", "aligner", "hidden", "steps"]
+        cols += ["final_loss", "heldout_gain"]
         rows = [{c: e.get(c) for c in cols} for e in self.index().values()]
         return pd.DataFrame(rows, columns=cols)
 

@@ -7,8 +7,11 @@ directory, or a GGUF file (converted once to safetensors and cached). Profiles
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +77,22 @@ class LoadedModel:
     def config(self):
         return self.model.config
 
+    @cached_property
+    def fingerprint(self) -> str:
+        """Short sha256 of what the model computes: every weight (name, dtype, shape, bytes)
+        and the tokenizer (vocabulary, special tokens, chat template). Part of a fuser's hub
+        recipe, so retrained weights or a changed template under the same name never reuse a
+        stale fuser."""
+        h = hashlib.sha256()
+        for name, tensor in sorted(self.model.state_dict().items()):
+            t = tensor.detach().cpu().contiguous()
+            h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        tok = self.tokenizer
+        h.update(json.dumps(sorted(tok.get_vocab().items()), ensure_ascii=False).encode())
+        h.update(json.dumps([tok.chat_template, tok.all_special_tokens], default=str).encode())
+        return h.hexdigest()[:16]
+
 
 def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in {"1", "true", "yes", "on"}
@@ -121,6 +140,12 @@ def load_model(spec: ModelSpec, cache_dir: str | Path | None = None) -> LoadedMo
         tokenizer = AutoTokenizer.from_pretrained(spec.tokenizer or source, **kwargs)
     except OSError as err:
         raise _not_available(spec, str(err).splitlines()[0]) from err
+    if len(tokenizer) < 2 or not tokenizer("Hello world.", add_special_tokens=False)["input_ids"]:
+        raise ModelNotAvailableError(
+            f"Model {spec.name!r}: the tokenizer loaded from {spec.tokenizer or source} has {len(tokenizer)} "
+            "token(s) and encodes text to nothing: that directory holds no tokenizer files. Save the tokenizer "
+            "there (tokenizer.save_pretrained) or point the spec's `tokenizer` at a directory that has one."
+        )
     return LoadedModel(spec.name, model.to(spec.device).eval(), prepare_tokenizer(tokenizer), spec)
 
 

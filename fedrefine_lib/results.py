@@ -26,7 +26,7 @@ import json
 import math
 import platform
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
@@ -65,7 +65,51 @@ def notebook_params(notebook: str, namespace: Mapping[str, Any]) -> dict[str, An
         raise NameError(
             f"Parameters {missing} of {notebook} are not defined: run the notebook's parameters cell first."
         )
-    return {n: namespace[n] for n in names}
+    params = {n: namespace[n] for n in names}
+    check_parameters(notebook, params)
+    return params
+
+
+def _whole(low: int, optional: bool = False) -> Callable[[Any], bool]:
+    return lambda v: (optional and v is None) or (isinstance(v, int) and not isinstance(v, bool) and v >= low)
+
+
+def _number(low: float, strict: bool, optional: bool = False) -> Callable[[Any], bool]:
+    def ok(v: Any) -> bool:
+        if optional and v is None:
+            return True
+        real = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        return real and (v > low if strict else v >= low)
+
+    return ok
+
+
+#: Parameter name -> (test, what is allowed): the notebooks' shared parameters.
+PARAMETER_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "profile": (lambda v: isinstance(v, str) and bool(v), "a profile name (configs/<profile>.yaml)"),
+    "seed": (_whole(0), "an int >= 0"),
+    "smoke": (lambda v: isinstance(v, bool), "True or False"),
+    "eval_limit": (_whole(1, optional=True), "None (every question) or an int >= 1"),
+    "fuser_hidden": (_whole(1, optional=True), "None (the profile's) or an int >= 1"),
+    "gate_hidden": (_whole(1, optional=True), "None (the profile's) or an int >= 1"),
+    "train_epochs": (_number(0, strict=True, optional=True), "None (the profile's) or a number > 0"),
+    "train_steps": (_whole(1, optional=True), "None (no cap) or an int >= 1"),
+    "bandwidth_mbps": (_number(0, strict=True), "a number > 0 (Mbit/s)"),
+    "rtt_ms": (_number(0, strict=False), "a number >= 0 (ms)"),
+}
+
+
+def check_parameters(notebook: str, params: Mapping[str, Any]) -> None:
+    """Refuse, before any work, a parameter outside what :data:`PARAMETER_RULES` allows, and a
+    model pair of one model with itself; the error names the parameter, value and fix."""
+    for name, value in params.items():
+        if name in PARAMETER_RULES and not PARAMETER_RULES[name][0](value):
+            raise ValueError(f"{notebook}: parameter {name}={value!r} is not allowed; use {PARAMETER_RULES[name][1]}.")
+    for first, second in (("receiver_name", "sender_name"), ("model_a", "model_b")):
+        if params.get(first) is not None and params.get(first) == params.get(second):
+            raise ValueError(
+                f"{notebook}: {first} and {second} are both {params[first]!r}; a pair needs two different models."
+            )
 
 
 def to_jsonable(value: Any) -> Any:

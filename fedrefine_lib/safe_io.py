@@ -1,11 +1,14 @@
 """Saving and loading modules as safetensors + JSON (never pickle), strictly.
 
 A saved module is a directory with ``<weights_file>`` (safetensors) and ``<config_file>``
-(JSON: the caller's metadata plus ``tensors``, every tensor's shape, and ``sha256``, the
-weights file's checksum). :func:`load_module` checks, in order: both files present, the
-JSON parses into the caller's config, the format version, the caller's own check (e.g. the
-model pair), the checksum, and that the weights hold exactly the tensors, with exactly the
-shapes, the module built from the config expects. Every failure says what differs.
+(JSON: the caller's metadata plus ``tensors``, every tensor's shape, ``sha256``, the weights
+file's checksum, and ``config_sha256``, the checksum of everything else in the JSON).
+:func:`load_module` checks, in order: both files present, the config's checksum (an edited
+layer map, kind or width is refused), the JSON parses into the caller's config, the format
+version, the caller's own check (e.g. the model pair), the weights' checksum, that the
+weights file's header lists exactly the tensors and shapes the config implies (worked out on
+the ``meta`` device, before anything is allocated), and that every weight is finite. Saving
+refuses non-finite weights. Every failure says what differs.
 """
 
 from __future__ import annotations
@@ -43,12 +46,32 @@ def save_module(
     """Write ``module``'s state dict to ``directory/weights_file`` and ``meta`` (plus the tensor
     shapes and the weights' sha256) to ``directory/config_file``."""
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+    bad = sorted(k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all()))
+    if bad:
+        raise ValueError(f"Not saving to {directory}: tensors {bad} hold NaN or inf (training diverged?).")
+    directory.mkdir(parents=True, exist_ok=True)
     save_file(state, str(directory / weights_file), metadata={"format": "pt"})
     meta = {**meta, "tensors": {k: list(v.shape) for k, v in state.items()}, "sha256": sha256(directory / weights_file)}
+    meta["config_sha256"] = config_digest(meta)
     (directory / config_file).write_text(json.dumps(meta, indent=2))
     return directory
+
+
+def config_digest(meta: dict[str, Any]) -> str:
+    """Hex sha256 of a saved config's JSON without its own ``config_sha256``."""
+    body = {k: v for k, v in meta.items() if k != "config_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def header_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape from a safetensors file's header (nothing else is read)."""
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        if not 0 < size <= 100_000_000:
+            raise ValueError(f"header length {size} is not that of a safetensors file")
+        header = json.loads(f.read(size))
+    return {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
 
 
 def load_module(
@@ -82,6 +105,12 @@ def load_module(
     fix = f"Re-save or retrain the {what}."
     try:
         meta = json.loads((directory / config_file).read_text())
+        if not isinstance(meta, dict):
+            raise ValueError("not a JSON object")
+        if meta.get("config_sha256") != config_digest(meta):
+            raise ValueError(
+                "its config_sha256 does not match its contents (edited after saving, or saved by an older version)"
+            )
         config = parse(meta)
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         raise error(f"Corrupt {directory / config_file}: {e}. {fix}") from e
@@ -99,17 +128,17 @@ def load_module(
             f"{str(meta.get('sha256'))[:12]}... recorded at save time. {fix}"
         )
     try:
-        state = load_file(str(directory / weights_file))
-    except Exception as e:  # safetensors raises its own error types
+        saved = header_shapes(directory / weights_file)
+    except (OSError, ValueError, KeyError, TypeError) as e:
         raise error(f"Corrupt {directory / weights_file}: {e}. {fix}") from e
-    module = build(config)
-    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
-    missing_tensors = sorted(set(expected) - set(state))
-    extra = sorted(set(state) - set(expected))
+    with torch.device("meta"):  # the shapes the config implies, without allocating them
+        expected = {k: tuple(v.shape) for k, v in build(config).state_dict().items()}
+    missing_tensors = sorted(set(expected) - set(saved))
+    extra = sorted(set(saved) - set(expected))
     reshaped = [
-        f"{k}: saved {tuple(state[k].shape)}, expected {expected[k]}"
-        for k in sorted(set(expected) & set(state))
-        if tuple(state[k].shape) != expected[k]
+        f"{k}: saved {saved[k]}, expected {expected[k]}"
+        for k in sorted(set(expected) & set(saved))
+        if saved[k] != expected[k]
     ]
     if missing_tensors or extra or reshaped:
         parts = [
@@ -118,5 +147,13 @@ def load_module(
             f"wrong shapes {reshaped}" if reshaped else "",
         ]
         raise error(f"{directory / weights_file} does not match its config: " + "; ".join(p for p in parts if p) + ".")
+    try:
+        state = load_file(str(directory / weights_file))
+    except Exception as e:  # safetensors raises its own error types
+        raise error(f"Corrupt {directory / weights_file}: {e}. {fix}") from e
+    bad = sorted(k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all()))
+    if bad:
+        raise error(f"{directory / weights_file}: tensors {bad} hold NaN or inf. {fix}")
+    module = build(config)
     module.load_state_dict(state, strict=True)
     return module.eval()

@@ -120,3 +120,20 @@ def test_contexts_are_put_before_the_question(qwen3, method):
     assert plain.scores[1] == pytest.approx(result.scores[1], abs=1e-4) and plain.scores[0] != result.scores[0]
     with pytest.raises(ValueError, match="one context"):
         evaluate.score_mcq(qwen3, ITEMS, contexts=notes[:2])
+
+
+def test_non_finite_option_scores_are_refused_not_counted_wrong(tiny_models):
+    import copy
+
+    model, tok = tiny_models["qwen3"]
+    broken = copy.deepcopy(model)
+    with torch.no_grad():
+        broken.lm_head.weight.fill_(float("nan"))
+    item = {
+        "id": "q1",
+        "question_stem": "Which colour is the sky?",
+        "choices": {"text": ["blue", "red"], "label": ["A", "B"]},
+        "answerKey": "A",
+    }
+    with pytest.raises(ValueError, match=r"NaN or infinite for items \[\('q1'.*no question is scored as wrong"):
+        evaluate.score_mcq(LoadedModel("broken", broken, tok), [item], progress=False)

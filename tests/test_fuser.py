@@ -18,7 +18,7 @@ from fedrefine_lib.fuser import (
     load_fuser,
 )
 from fedrefine_lib.models import LoadedModel
-from fedrefine_lib.safe_io import sha256
+from fedrefine_lib.safe_io import config_digest, sha256
 
 PROMPTS = [
     [{"role": "user", "content": "What colour does zorblat glow?"}],
@@ -120,6 +120,15 @@ def saved(tmp_path, loaded_models):
     return fuser, tmp_path / "f"
 
 
+def resign(path, edit=lambda meta: None) -> None:
+    """Apply ``edit`` to a saved fuser's config and record fresh checksums (an attacker's edit)."""
+    meta = json.loads((path / "fuser_config.json").read_text())
+    edit(meta)
+    meta["sha256"] = sha256(path / "fuser.safetensors")
+    meta["config_sha256"] = config_digest(meta)
+    (path / "fuser_config.json").write_text(json.dumps(meta))
+
+
 def test_round_trip_identical_outputs(saved, loaded_models):
     fuser, path = saved
     meta = json.loads((path / "fuser_config.json").read_text())
@@ -157,9 +166,7 @@ def test_corrupt_weights(saved):
 def test_truncated_weights_with_matching_checksum(saved):
     _, path = saved
     (path / "fuser.safetensors").write_bytes((path / "fuser.safetensors").read_bytes()[:100])
-    meta = json.loads((path / "fuser_config.json").read_text())
-    meta["sha256"] = sha256(path / "fuser.safetensors")
-    (path / "fuser_config.json").write_text(json.dumps(meta))
+    resign(path)
     with pytest.raises(FuserLoadError, match="Corrupt"):
         load_fuser(path)
 
@@ -177,14 +184,49 @@ def test_missing_and_extra_tensors(saved):
     del state["value_projectors.2.proj_out.weight"]
     state["stray"] = torch.zeros(1)
     save_file(state, str(path / "fuser.safetensors"))
-    meta = json.loads((path / "fuser_config.json").read_text())
-    meta["sha256"] = sha256(path / "fuser.safetensors")
-    (path / "fuser_config.json").write_text(json.dumps(meta))
+    resign(path)
     with pytest.raises(
         FuserLoadError,
         match=r"missing tensors \['value_projectors.2.proj_out.weight'\].*unexpected tensors \['stray'\]",
     ):
         load_fuser(path)
+
+
+def test_an_edited_config_is_refused(saved):
+    """The checksum covers the config: an edited layer map is refused, and one the attacker
+    re-signed still has to match the weights' header, checked before anything is allocated."""
+    _, path = saved
+    meta = json.loads((path / "fuser_config.json").read_text())
+    meta["config"]["layer_map"] = [0, 0, 0]
+    (path / "fuser_config.json").write_text(json.dumps(meta))
+    with pytest.raises(FuserLoadError, match="config_sha256 does not match its contents"):
+        load_fuser(path)
+    resign(path, lambda m: m["config"].update(hidden=1_000_000))  # would allocate GBs if built
+    with pytest.raises(FuserLoadError, match="does not match its config: .*wrong shapes"):
+        load_fuser(path)
+
+
+def test_a_missing_config_key_is_named(saved):
+    _, path = saved
+    resign(path, lambda m: m["config"].pop("aligner"))
+    with pytest.raises(FuserLoadError, match=r"config lacks \['aligner'\]"):
+        load_fuser(path)
+
+
+def test_non_finite_weights_are_refused_at_save_and_load(saved, tmp_path):
+    fuser, path = saved
+    state = load_file(str(path / "fuser.safetensors"))
+    name = sorted(state)[0]
+    state[name][..., 0] = float("nan")
+    save_file(state, str(path / "fuser.safetensors"))
+    resign(path)
+    with pytest.raises(FuserLoadError, match=f"tensors \\['{name}'\\] hold NaN or inf"):
+        load_fuser(path)
+    with torch.no_grad():
+        next(fuser.parameters()).fill_(float("inf"))
+    with pytest.raises(ValueError, match="Not saving .*hold NaN or inf"):
+        fuser.save_pretrained(tmp_path / "inf")
+    assert not (tmp_path / "inf").exists()
 
 
 def test_missing_file(saved):

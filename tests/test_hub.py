@@ -1,4 +1,8 @@
-"""Fuser hub: round trip, reuse while the recipe is unchanged, clear error for a missing pair."""
+"""Fuser hub: round trip, reuse while the recipe is unchanged, clear error for a missing pair,
+no corruption by concurrent, interrupted or hostile writers."""
+
+import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -109,3 +113,136 @@ def test_ablation_jobs_change_one_thing_each():
         check_ablations(["fusoin"])
     with pytest.raises(ValueError, match="give a list"):
         ablation_jobs("s", "r", "concat", options, "fusion")
+
+
+def test_names_that_leave_the_root_are_refused(tmp_path):
+    hub = FuserHub(tmp_path / "hub")
+    for sender, receiver, variant in (("../../x", "r", "default"), ("/abs", "r", "default"), ("s", "r", "../v")):
+        with pytest.raises(ValueError, match="not a valid name.*outside the hub's root"):
+            hub.pair_dir(sender, receiver, variant)
+    assert hub.pair_dir("mini-qwen2.5-0.5b", "smollm2-135m-instruct", "concat_top").is_relative_to(hub.root)
+    assert not any((tmp_path).glob("x"))
+
+
+def test_changed_model_weights_or_template_retrain_the_fuser(tmp_path, pair):
+    """The recipe fingerprints both models: other weights or another chat template under the
+    same name make a new recipe, so the stored fuser is not reused."""
+    import copy
+
+    receiver, sender = pair
+    hub = FuserHub(tmp_path / "hub")
+    cfg = TrainConfig(lr=1e-2, max_steps=1, batch_size=3, progress=False)
+    hub.get_or_train(receiver, sender, RECORDS, train_config=cfg, hidden=8)
+    same = LoadedModel(sender.name, sender.model, sender.tokenizer)
+    assert same.fingerprint == sender.fingerprint
+    assert hub.has(sender.name, receiver.name, recipe=hub.recipe_for(receiver, same, RECORDS, cfg, hidden=8))
+    changed = LoadedModel(sender.name, copy.deepcopy(sender.model), sender.tokenizer)
+    with torch.no_grad():
+        next(changed.model.parameters()).add_(1e-3)
+    template = copy.deepcopy(receiver.tokenizer)
+    template.chat_template = (template.chat_template or "") + "{# changed #}"
+    retemplated = LoadedModel(receiver.name, receiver.model, template)
+    assert len({sender.fingerprint, changed.fingerprint}) == 2 and retemplated.fingerprint != receiver.fingerprint
+    for r, s in ((receiver, changed), (retemplated, sender)):
+        assert not hub.has(s.name, r.name, recipe=hub.recipe_for(r, s, RECORDS, cfg, hidden=8))
+
+
+def test_a_corrupt_pair_is_moved_aside_and_retrained(tmp_path, pair):
+    receiver, sender = pair
+    hub = FuserHub(tmp_path / "hub")
+    cfg = TrainConfig(lr=1e-2, max_steps=1, batch_size=3, progress=False)
+    fuser, _ = hub.get_or_train(receiver, sender, RECORDS, train_config=cfg, hidden=8)
+    weights = hub.pair_dir(sender.name, receiver.name) / "fuser.safetensors"
+    weights.write_bytes(weights.read_bytes()[: len(weights.read_bytes()) // 2])  # a writer killed mid-file
+    with pytest.warns(UserWarning, match="could not be used.*moved aside"):
+        again, _ = hub.get_or_train(receiver, sender, RECORDS, train_config=cfg, hidden=8)
+    assert all(torch.equal(a, b) for a, b in zip(fuser.state_dict().values(), again.state_dict().values()))
+    assert len(list(weights.parent.parent.glob(".default.corrupt-*"))) == 1  # kept, not deleted
+
+
+def test_a_staging_directory_left_by_a_killed_writer_is_never_read(tmp_path, pair):
+    receiver, sender = pair
+    hub = FuserHub(tmp_path / "hub")
+    cfg = TrainConfig(lr=1e-2, max_steps=1, batch_size=3, progress=False)
+    hub.get_or_train(receiver, sender, RECORDS, train_config=cfg, hidden=8)
+    from fedrefine_lib.store import staging_dir
+
+    partial = staging_dir(hub.pair_dir(sender.name, receiver.name))
+    (partial / "fuser.safetensors").write_bytes(b"\0" * 10)
+    assert hub.get(sender, receiver).config.hidden == 8
+
+
+def _train_same_pair(root: str, specs: dict, hidden: int, out: str) -> None:
+    """A process that trains (or reuses) F_{tiny-llama -> tiny-qwen3} and writes its weights' digest."""
+    import hashlib
+
+    from fedrefine_lib.hub import FuserHub
+    from fedrefine_lib.models import load_model
+    from fedrefine_lib.train import TrainConfig
+
+    torch.set_num_threads(1)
+    r, s = load_model(specs["tiny-qwen3"]), load_model(specs["tiny-llama"])
+    cfg = TrainConfig(lr=1e-2, max_steps=3, batch_size=3, progress=False)
+    fuser, record = FuserHub(root).get_or_train(r, s, RECORDS, train_config=cfg, hidden=hidden)
+    digest = hashlib.sha256(b"".join(t.numpy().tobytes() for t in fuser.state_dict().values())).hexdigest()
+    Path(out).write_text(json.dumps({"digest": digest, "recipe": record["recipe"]}))
+
+
+def _read_while_published(root: str, specs: dict, seconds: float, out: str) -> None:
+    """A process that loads the pair again and again while trainers publish; counts failures."""
+    import time
+
+    from fedrefine_lib.hub import FuserHub
+    from fedrefine_lib.models import load_model
+
+    torch.set_num_threads(1)
+    r, s = load_model(specs["tiny-qwen3"]), load_model(specs["tiny-llama"])
+    hub, reads, failures, end = FuserHub(root), 0, [], time.time() + seconds
+    while time.time() < end:
+        if hub.has("tiny-llama", "tiny-qwen3"):
+            try:
+                hub.get(s, r)
+                reads += 1
+            except Exception as err:  # any failure is a hub a reader saw half-written
+                failures.append(repr(err))
+    Path(out).write_text(json.dumps({"reads": reads, "failures": failures}))
+
+
+@pytest.mark.slow
+def test_concurrent_trainers_of_one_pair_leave_a_consistent_hub(tmp_path, pair):
+    """Processes training the same pair at once (two recipes, racing) never corrupt the hub: a
+    reader loading the pair throughout never fails, and afterwards the stored fuser loads
+    strictly, its index entry names the recipe in its own train.json, and no staging or old
+    directory is left."""
+    import multiprocessing as mp
+
+    specs = {}
+    for m in pair:
+        m.model.save_pretrained(tmp_path / m.name)
+        m.tokenizer.save_pretrained(tmp_path / m.name)
+        specs[m.name] = ModelSpec(m.name, str(tmp_path / m.name))
+    ctx = mp.get_context("spawn")
+    for round_ in range(2):
+        root, outs = tmp_path / f"hub{round_}", []
+        procs = []
+        for i, hidden in enumerate((8, 8, 16)):
+            outs.append(tmp_path / f"out{round_}-{i}.json")
+            procs.append(ctx.Process(target=_train_same_pair, args=(str(root), specs, hidden, str(outs[-1]))))
+        reader = tmp_path / f"reader{round_}.json"
+        procs.append(ctx.Process(target=_read_while_published, args=(str(root), specs, 25.0, str(reader))))
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(120)
+            assert p.exitcode == 0
+        results = [json.loads(o.read_text()) for o in outs]
+        read = json.loads(reader.read_text())
+        assert read["failures"] == [] and read["reads"] > 0, read
+        assert results[0]["digest"] == results[1]["digest"]  # the same recipe gives the same fuser
+        hub = FuserHub(root)
+        r, s = load_model(specs["tiny-qwen3"]), load_model(specs["tiny-llama"])
+        stored = hub.training("tiny-llama", "tiny-qwen3")
+        assert hub.index()["tiny-llama->tiny-qwen3/default"]["recipe"] == stored["recipe"]
+        hidden = stored["recipe"]["fuser"]["hidden"]
+        assert hub.get(s, r).config.hidden == hidden
+        assert not list(root.rglob(".*staging-*")) and not list(root.rglob(".*old-*"))

@@ -70,3 +70,10 @@ def test_profile_fusion_mode(name, tmp_path):
     profile.settings["fusion"] = "sum"
     with pytest.raises(ValueError, match="fusion: 'sum'.*residual"):
         study.fusion
+
+
+def test_a_model_directory_without_tokenizer_files_is_refused(tmp_path, tiny_models):
+    model, _ = tiny_models["qwen2"]
+    model.save_pretrained(tmp_path / "m")  # weights and config, no tokenizer
+    with pytest.raises(ModelNotAvailableError, match="encodes text to nothing.*no tokenizer files"):
+        models.load_model(ModelSpec("tiny", str(tmp_path / "m")))

@@ -13,6 +13,7 @@ from fedrefine_lib.fuser import BlockFuser, FuserConfig, FuserLoadError, build_f
 from fedrefine_lib.gate import Gate, GateConfig
 from fedrefine_lib.hub import FuserHub, FuserJob, MissingFuserError
 from fedrefine_lib.kv import KVCache
+from fedrefine_lib.safe_io import config_digest
 
 PROMPTS = [
     [
@@ -242,18 +243,22 @@ def test_block_fuser_save_load_strict(loaded_models, tmp_path):
     meta = json.loads((tmp_path / "c" / "fuser_config.json").read_text())
     meta["config"]["kind"] = "residual"
     (tmp_path / "c" / "fuser_config.json").write_text(json.dumps(meta))
+    with pytest.raises(FuserLoadError, match="config_sha256 does not match"):
+        load_fuser(tmp_path / "c")
+    meta["config_sha256"] = config_digest(meta)  # re-signed: the weights still do not fit
+    (tmp_path / "c" / "fuser_config.json").write_text(json.dumps(meta))
     with pytest.raises(FuserLoadError, match="does not match its config"):
         load_fuser(tmp_path / "c")
 
 
-def test_fuser_saved_before_kind_joined_the_config_still_loads(loaded_models, tmp_path):
-    """Fusers saved before the kind moved into FuserConfig carry it at the top level of the JSON."""
-    fuser = random_fuser(loaded_models, "llama", kind="concat")
-    fuser.save_pretrained(tmp_path / "old")
+def test_a_fuser_saved_without_a_config_checksum_is_refused(loaded_models, tmp_path):
+    """Files saved before the checksum covered the config load no more: retrain them."""
+    random_fuser(loaded_models, "llama", kind="concat").save_pretrained(tmp_path / "old")
     meta = json.loads((tmp_path / "old" / "fuser_config.json").read_text())
-    meta["kind"] = meta["config"].pop("kind")
+    del meta["config_sha256"]
     (tmp_path / "old" / "fuser_config.json").write_text(json.dumps(meta))
-    assert load_fuser(tmp_path / "old").kind == "concat"
+    with pytest.raises(FuserLoadError, match="saved by an older version.*retrain"):
+        load_fuser(tmp_path / "old")
 
 
 @pytest.mark.parametrize("kind", ["concat", "prefix"])

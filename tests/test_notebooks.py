@@ -160,7 +160,44 @@ def test_notebook_params_reads_the_parameters_cell():
 
     names = parameter_names(ROOT / "notebooks" / "01_c2c.ipynb")
     assert names[:3] == ("profile", "seed", "smoke") and "ablations" in names
-    namespace = {n: i for i, n in enumerate(names)} | {"unrelated": 1}
-    assert notebook_params("01_c2c", namespace) == {n: i for i, n in enumerate(names)}
+    defaults = _parameter_defaults("01_c2c")
+    assert notebook_params("01_c2c", defaults | {"unrelated": 1}) == defaults
     with pytest.raises(NameError, match="'seed'"):
-        notebook_params("01_c2c", {n: 0 for n in names if n != "seed"})
+        notebook_params("01_c2c", {n: v for n, v in defaults.items() if n != "seed"})
+
+
+def _parameter_defaults(notebook: str) -> dict:
+    cell = next(
+        c for c in _cells(ROOT / "notebooks" / f"{notebook}.ipynb") if "parameters" in c.metadata.get("tags", [])
+    )
+    namespace: dict = {}
+    exec(cell.source, namespace)
+    return {k: v for k, v in namespace.items() if not k.startswith("__")}
+
+
+@pytest.mark.parametrize(
+    "notebook, name, value, message",
+    [
+        ("01_c2c", "fuser_hidden", 0, "fuser_hidden=0 is not allowed; use None .* or an int >= 1"),
+        ("01_c2c", "eval_limit", -1, "eval_limit=-1"),
+        ("01_c2c", "eval_limit", 0, "eval_limit=0"),
+        ("01_c2c", "train_steps", 0, "train_steps=0"),
+        ("01_c2c", "seed", "0", "seed='0' is not allowed; use an int >= 0"),
+        ("01_c2c", "smoke", "yes", "smoke='yes'"),
+        ("03_fedrefine", "gate_hidden", 2.5, "gate_hidden=2.5"),
+        ("04_case_study", "bandwidth_mbps", 0, "bandwidth_mbps=0"),
+        ("04_case_study", "rtt_ms", float("nan"), "rtt_ms=nan"),
+        ("01_c2c", "sender_name", "mini-qwen3-0.6b", "receiver_name and sender_name are both"),
+        ("02_co_c2c", "model_b", "x", "model_a and model_b are both"),
+    ],
+)
+def test_bad_notebook_parameters_are_refused_before_any_work(notebook, name, value, message):
+    from fedrefine_lib.results import notebook_params
+
+    params = _parameter_defaults(notebook) | {name: value}
+    if name == "sender_name":
+        params["receiver_name"] = value
+    if name == "model_b":
+        params["model_a"] = value
+    with pytest.raises(ValueError, match=message):
+        notebook_params(notebook, params)

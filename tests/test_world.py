@@ -485,3 +485,25 @@ def test_a_trial_pretrains_one_model_on_validation_only(tmp_path):
         [*cli, "--set", "nosuch=1", "--out", str(tmp_path / "u.json")], capture_output=True, text=True
     )
     assert done.returncode != 0 and "WorldConfig field" in done.stderr
+
+
+def test_a_bad_seed_or_a_rebuild_never_deletes_a_world(tmp_path):
+    """``seed="0"`` is refused before anything is touched; a finished world that is rebuilt is
+    moved aside (kept), an unfinished one removed."""
+    from fedrefine_lib.world import build_world
+    from fedrefine_lib.world.build import _clear
+
+    finished = tmp_path / "0"
+    finished.mkdir()
+    (finished / "manifest.json").write_text("{}")
+    with pytest.raises(TypeError, match="seed='0'.*an int"):
+        build_world("0", WorldConfig.smoke(), tmp_path)
+    assert (finished / "manifest.json").is_file()
+    with pytest.warns(UserWarning, match="previous one is kept"):
+        _clear(finished)
+    kept = list(tmp_path.glob(".0.replaced-*"))
+    assert not finished.exists() and len(kept) == 1 and (kept[0] / "manifest.json").is_file()
+    unfinished = tmp_path / "1"
+    unfinished.mkdir()
+    _clear(unfinished)
+    assert not unfinished.exists()

@@ -164,15 +164,19 @@ def build_world(
         root: cache root; the world goes to :func:`world_dir`.
         progress: show tqdm bars and per-model times.
         force: rebuild even if a matching cache exists.
+
+    A finished world that is replaced (another version or config, or ``force``) is moved
+    aside, not deleted.
     """
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise TypeError(f"build_world(seed={seed!r}): the seed is an int (e.g. 0), not {type(seed).__name__}.")
     config = config or WorldConfig()
     out = world_dir(seed, config, root)
     if not force and (out / "manifest.json").is_file():
         world = load_world(out)
         if all(world.manifest.get(k) == v for k, v in _cache_key(seed, config).items()):
             return world
-    if out.exists():
-        shutil.rmtree(out)
+    _clear(out)
     out.mkdir(parents=True)
     t0 = time.time()
     knowledge = make_knowledge(seed, config.entities, config.users)
@@ -229,6 +233,18 @@ def build_world(
             + ", ".join(f"{n} {s:.0f} s" for n, s in manifest["seconds"]["models"].items())
         )
     return World(out, manifest)
+
+
+def _clear(out: Path) -> None:
+    """Make room for a build at ``out``: a finished world (another version or config, or
+    ``force``) is moved aside to ``.<name>.replaced-<time>`` beside it, never deleted; an
+    unfinished build (no manifest) is removed."""
+    if (out / "manifest.json").is_file():
+        aside = out.parent / f".{out.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
+        out.rename(aside)
+        warnings.warn(f"The mini world at {out} is being rebuilt; the previous one is kept at {aside}.", stacklevel=3)
+    elif out.exists():
+        shutil.rmtree(out)
 
 
 def _count_lines(path: Path) -> int:
