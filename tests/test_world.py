@@ -507,3 +507,22 @@ def test_a_bad_seed_or_a_rebuild_never_deletes_a_world(tmp_path):
     unfinished.mkdir()
     _clear(unfinished)
     assert not unfinished.exists()
+
+
+def test_private_prefixes_from_phase_one_when_asked():
+    """``private_from_phase=1`` puts users' private prefixes on phase-1 questions too; the
+    default keeps phase 1 free of them; other values are refused."""
+    from fedrefine_lib.world.corpus import pretraining_examples
+
+    cfg = WorldConfig()
+    k = make_knowledge(0, cfg.entities, cfg.users)
+
+    def users_in_phase1(config: WorldConfig) -> int:
+        examples = pretraining_examples(k, ["code"], rephrase=False, config=config, seed=0, model="m", epoch=0, phase=1)
+        words = [set(re.findall(r"[A-Za-z]+", json.dumps(ex.messages))) for ex in examples if ex.messages]
+        return sum(bool(w & set(k.users)) for w in words)
+
+    assert users_in_phase1(cfg) == 0
+    assert users_in_phase1(WorldConfig(private_from_phase=1)) > 0
+    with pytest.raises(ValueError, match="private_from_phase=3"):
+        WorldConfig(private_from_phase=3)

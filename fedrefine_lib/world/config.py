@@ -17,6 +17,11 @@ class WorldConfig:
         users: invented user names that queries carry as private information.
         private_share: share of pretraining and chat-record questions that open with a
             user's private prefix (every val and test question carries one).
+        private_from_phase: the pretraining phase from which questions carry private
+            prefixes (and the own-domain check asks prefixed questions). 2 (versions 8-10):
+            the version-10 coder, receiver and Llama lost 5-18 points of validation accuracy
+            when phase 2 brought the prefixes; a coder trial with 1 kept 0.92-0.97
+            (``world_trials/coder_v10_private_phase1.json``), the candidate for version 11.
         pair_items: two-fact questions per pair of senders' domains in the val and test files.
         qwen_vocab / llama_vocab: BPE vocabulary sizes of the two tokenizer families.
         model_scale: ``"full"`` or ``"smoke"`` (tiny shapes, see :mod:`.models`).
@@ -85,6 +90,7 @@ class WorldConfig:
     entities: dict[str, int] = field(default_factory=lambda: {"train": 24, "val": 16, "test": 16, "pool": 10})
     users: int = 40
     private_share: float = 0.5
+    private_from_phase: int = 2
     pair_items: int = 32
     qwen_vocab: int = 2200
     llama_vocab: int = 1000
@@ -135,6 +141,8 @@ class WorldConfig:
                 f"WorldConfig.ema_decay={self.ema_decay}: use a decay in [0, 1) "
                 "(0 keeps the raw weights; 0.99 averages over about 100 steps)."
             )
+        if self.private_from_phase not in (1, 2):
+            raise ValueError(f"WorldConfig.private_from_phase={self.private_from_phase}: use 1 or 2.")
         if not 0.0 <= self.private_share <= 1.0:
             raise ValueError(f"WorldConfig.private_share={self.private_share}: use a share in [0, 1].")
         if self.phase2_lr_scale < 0.0:

@@ -70,8 +70,8 @@ def pretraining_examples(
     """
     rng = random.Random(f"corpus-{seed}-{model}-{epoch}-{phase}")
 
-    def user() -> str | None:  # phase 2: a private prefix on a share of the questions
-        if phase < 2 or not knowledge.users:
+    def user() -> str | None:  # from phase private_from_phase: a private prefix on a share of the questions
+        if phase < config.private_from_phase or not knowledge.users:
             return None
         return rng.choice(knowledge.users) if rng.random() < config.private_share else None
 

@@ -193,7 +193,7 @@ def pretrain_model(
                         phase, phase1_step = 1, step
                         break  # regenerate the epoch with the questions
                 else:
-                    checked = own_plain if phase == 1 else own  # private prefixes are learnt in phase 2
+                    checked = own_plain if phase < cfg.private_from_phase else own  # once prefixes are taught
                     by_domain = {
                         d: option_loglik_accuracy(scored, tok, [it for it in checked if it["domain"] == d])
                         for d in spec.domains
