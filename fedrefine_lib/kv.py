@@ -295,6 +295,13 @@ def forward(
     positions = position_ids_from_mask(attention_mask, past)
     if prefix_mask is not None:
         positions = (positions - prefix_mask.to(attention_mask).sum(1, keepdim=True)).clamp(min=0)
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and positions.numel() and int(positions.max()) >= limit:
+        raise ValueError(
+            f"Position {int(positions.max())} is past {type(model).__name__}'s max_position_embeddings={limit}: "
+            "the prompt (with its cache) is too long for the model. Shorten it (fewer or shorter context notes "
+            "or records) or use a model with a longer context; nothing is truncated silently."
+        )
     mask = attention_mask
     if cache_bias is not None:
         mask = _biased_masks(model, cache, attention_mask, input_ids.shape[1], cache_bias)

@@ -87,3 +87,12 @@ def test_bad_inputs_raise_clear_errors(tiny_models):
     other, _ = tiny_models["llama"]
     with pytest.raises(ValueError, match="another model"):
         cache.to_cache(other.config)
+
+
+def test_a_prompt_past_the_models_context_is_refused(tiny_models):
+    model, _ = tiny_models["qwen3"]
+    limit = model.config.max_position_embeddings
+    logits, _ = kv.forward(model, torch.ones(1, limit, dtype=torch.long))  # exactly fits
+    assert logits.shape[1] == limit
+    with pytest.raises(ValueError, match=f"Position {limit} is past .*max_position_embeddings={limit}"):
+        kv.forward(model, torch.ones(1, limit + 1, dtype=torch.long))
