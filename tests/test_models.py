@@ -1,6 +1,7 @@
 """Model specs, profiles and loading."""
 
 import pytest
+import torch
 
 from fedrefine_lib import models
 from fedrefine_lib.models import ModelNotAvailableError, ModelSpec
@@ -77,3 +78,28 @@ def test_a_model_directory_without_tokenizer_files_is_refused(tmp_path, tiny_mod
     model.save_pretrained(tmp_path / "m")  # weights and config, no tokenizer
     with pytest.raises(ModelNotAvailableError, match="encodes text to nothing.*no tokenizer files"):
         models.load_model(ModelSpec("tiny", str(tmp_path / "m")))
+
+
+def test_unclear_loading_errors_name_the_file_the_cause_and_the_fix(tmp_path, tiny_models, monkeypatch):
+    """A path taken for a hub id, an empty GGUF, truncated weights, a missing tokenizer
+    directory and a CUDA device on a CPU machine each get an error that says which."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelNotAvailableError, match="not a local directory .* and not a hub id"):
+        models.load_model(ModelSpec("x", "some/local/dir"))
+    with pytest.raises(ModelNotAvailableError, match="meant as a local directory: none exists"):
+        models.load_model(ModelSpec("x", "mymodels/llama"))
+    (tmp_path / "empty.gguf").write_bytes(b"")
+    with pytest.raises(ModelNotAvailableError, match="empty.gguf is empty"):
+        models.load_model(ModelSpec("x", str(tmp_path / "empty.gguf")))
+    model, tok = tiny_models["qwen2"]
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    with pytest.raises(ModelNotAvailableError, match="tokenizer directory .*nowhere does not exist .*weights are fine"):
+        models.load_model(ModelSpec("x", str(tmp_path / "m"), tokenizer=str(tmp_path / "nowhere")))
+    if not torch.cuda.is_available():
+        with pytest.raises(ModelNotAvailableError, match="device 'cuda'.*no CUDA device"):
+            models.load_model(ModelSpec("x", str(tmp_path / "m"), device="cuda"))
+    weights = tmp_path / "m" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(ModelNotAvailableError, match="truncated or corrupt"):
+        models.load_model(ModelSpec("x", str(tmp_path / "m")))
