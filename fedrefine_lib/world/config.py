@@ -20,8 +20,8 @@ class WorldConfig:
         private_from_phase: the pretraining phase from which questions carry private
             prefixes (and the own-domain check asks prefixed questions). 2 (versions 8-10):
             the version-10 coder, receiver and Llama lost 5-18 points of validation accuracy
-            when phase 2 brought the prefixes; a coder trial with 1 kept 0.92-0.97
-            (``world_trials/coder_v10_private_phase1.json``), the candidate for version 11.
+            when phase 2 brought the prefixes. With 1 the coder and the Llama kept 0.97-0.98,
+            but the receiver never left phase 1 (0.64-0.75; ``results/mini/world_trials/``).
         pair_items: two-fact questions per pair of senders' domains in the val and test files.
         qwen_vocab / llama_vocab: BPE vocabulary sizes of the two tokenizer families.
         model_scale: ``"full"`` or ``"smoke"`` (tiny shapes, see :mod:`.models`).
