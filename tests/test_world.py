@@ -526,3 +526,10 @@ def test_private_prefixes_from_phase_one_when_asked():
     assert users_in_phase1(WorldConfig(private_from_phase=1)) > 0
     with pytest.raises(ValueError, match="private_from_phase=3"):
         WorldConfig(private_from_phase=3)
+
+
+def test_acceptance_lists_models_stuck_in_phase_0_or_1():
+    from fedrefine_lib.world.measure import short_of_phase2
+
+    built = {"a": {"final": {"phase": 0}}, "b": {"final": {"phase": 1}}, "c": {"final": {"phase": 2}}, "d": {}}
+    assert short_of_phase2(built) == ["a", "b", "d"]

@@ -122,7 +122,7 @@ def acceptance(report: dict, world: World) -> dict:
     """The world's acceptance numbers: each model's lowest own-domain and highest
     other-domain test accuracy, the receiver's oracle, rephrasing fidelity, the parameter
     ratios to the receiver, and the models whose pretraining fell short: stopped by the step
-    cap instead of the stop criteria (``step_cap``), or never past phase 1 (``phase1_only``:
+    cap instead of the stop criteria (``step_cap``), or never past phase 1 (``phase1_only``, phase 0 included:
     knowledge not at ``phase1_accuracy`` on validation, so notes, private prefixes and
     two-fact questions were never trained)."""
     out: dict = {"own_min": {}, "other_max": {}}
@@ -137,8 +137,14 @@ def acceptance(report: dict, world: World) -> dict:
     out["parameter_ratio"] = {n: round(m["parameters"] / receiver, 2) for n, m in report["models"].items()}
     built = world.manifest["models"]
     out["step_cap"] = sorted(n for n, m in built.items() if not m["early_stopped"])
-    out["phase1_only"] = sorted(n for n, m in built.items() if m.get("final", {}).get("phase") == 1)
+    out["phase1_only"] = short_of_phase2(built)
     return out
+
+
+def short_of_phase2(built: dict[str, dict]) -> list[str]:
+    """Models (manifest ``models`` entries) whose saved weights come from before phase 2:
+    stuck in phase 0 (statements never completed) or phase 1 (questions never answered)."""
+    return sorted(n for n, m in built.items() if m.get("final", {}).get("phase", 0) < 2)
 
 
 def _fact(row: dict):
