@@ -13,6 +13,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
+import torch
 
 from fedrefine_lib import data
 from fedrefine_lib.world import DOMAINS, RELATIONS, WorldConfig, build_world, load_world, mini_models
@@ -136,10 +137,10 @@ def test_chat_records_use_only_train_facts():
 def test_pretraining_corpus_keeps_held_out_questions_unseen():
     """Val and test facts appear only as statements of known domains: never in a question form,
     a note or a two-fact question; their names are rephrased only with relations no held-out
-    question asks; private prefixes only from phase 2 on."""
+    question asks; private prefixes only from ``private_from_phase`` on."""
     from fedrefine_lib.world.corpus import pretraining_examples
 
-    cfg = WorldConfig()
+    cfg = WorldConfig(private_from_phase=2)
     k = make_knowledge(0, cfg.entities, cfg.users)
     held_out = set(k.entities(splits=("val", "test")))
     asked = {(f.entity, f.relation) for f in k.select(splits=("val", "test"))}
@@ -510,8 +511,8 @@ def test_a_bad_seed_or_a_rebuild_never_deletes_a_world(tmp_path):
 
 
 def test_private_prefixes_from_phase_one_when_asked():
-    """``private_from_phase=1`` puts users' private prefixes on phase-1 questions too; the
-    default keeps phase 1 free of them; other values are refused."""
+    """``private_from_phase=1`` (the default) puts users' private prefixes on phase-1
+    questions too; 2 keeps phase 1 free of them; other values are refused."""
     from fedrefine_lib.world.corpus import pretraining_examples
 
     cfg = WorldConfig()
@@ -522,10 +523,25 @@ def test_private_prefixes_from_phase_one_when_asked():
         words = [set(re.findall(r"[A-Za-z]+", json.dumps(ex.messages))) for ex in examples if ex.messages]
         return sum(bool(w & set(k.users)) for w in words)
 
-    assert users_in_phase1(cfg) == 0
-    assert users_in_phase1(WorldConfig(private_from_phase=1)) > 0
+    assert users_in_phase1(cfg) > 0
+    assert users_in_phase1(WorldConfig(private_from_phase=2)) == 0
     with pytest.raises(ValueError, match="private_from_phase=3"):
         WorldConfig(private_from_phase=3)
+
+
+def test_decay_groups_spare_vectors_when_asked():
+    """A model in ``spare_vectors`` keeps its norm gains and biases undecayed; every
+    parameter is in exactly one group either way; the config round-trips through JSON."""
+    from fedrefine_lib.world.pretrain import _decay_groups
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
+    cfg = WorldConfig(spare_vectors=("m",))
+    assert WorldConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    for name, decayed in (("other", 4), ("m", 1)):
+        groups = _decay_groups(model, name, cfg)
+        assert sum(len(g["params"]) for g in groups) == 4
+        assert sum(len(g["params"]) for g in groups if g["weight_decay"] == cfg.weight_decay) == decayed
+        assert all(g["weight_decay"] == 0.0 for g in groups if g["weight_decay"] != cfg.weight_decay)
 
 
 def test_acceptance_lists_models_stuck_in_phase_0_or_1():

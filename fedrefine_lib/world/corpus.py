@@ -70,7 +70,7 @@ def pretraining_examples(
     """
     rng = random.Random(f"corpus-{seed}-{model}-{epoch}-{phase}")
 
-    def user() -> str | None:  # from phase private_from_phase: a private prefix on a share of the questions
+    def user() -> str | None:  # from the model's private phase: a private prefix on a share of the questions
         if phase < config.private_from_phase or not knowledge.users:
             return None
         return rng.choice(knowledge.users) if rng.random() < config.private_share else None

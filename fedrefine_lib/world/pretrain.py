@@ -57,6 +57,18 @@ def rephrase_fidelity(model, tok, stems: list[str]) -> float:
     return sum(f and d for f, d, _ in checks) / max(1, len(checks))
 
 
+def _decay_groups(model: torch.nn.Module, name: str, cfg: WorldConfig) -> list[dict]:
+    """AdamW parameter groups of model ``name``: every parameter decays at ``cfg.weight_decay``,
+    or, for a model in ``cfg.spare_vectors``, only those of two or more dimensions."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if name not in cfg.spare_vectors:
+        return [{"params": params, "weight_decay": cfg.weight_decay}]
+    return [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+
+
 def _as_loaded_from(out_dir: str, model, family_tok):
     """Save config and tokenizer to ``out_dir`` and return the tokenizer exactly as
     ``AutoTokenizer.from_pretrained(out_dir)`` gives it (transformers picks the class
@@ -120,7 +132,7 @@ def pretrain_model(
     )
     tok = _as_loaded_from(out_dir, model, family_tok)
     opt = torch.optim.AdamW(
-        model.parameters(), lr=cfg.lr_overrides.get(name, cfg.lr), betas=(0.9, cfg.beta2), weight_decay=cfg.weight_decay
+        _decay_groups(model, name, cfg), lr=cfg.lr_overrides.get(name, cfg.lr), betas=(0.9, cfg.beta2)
     )
     phase1_step: int | None = None if cfg.phase0_cloze > 0 else 0
     phase2_step: int | None = None
