@@ -190,7 +190,7 @@ def make_knowledge(
             f"entities_per_split has splits {sorted(entities_per_split)}; give a count for each of {SPLITS} "
             "(world version 8 renamed 'eval' to 'test')."
         )
-    rng = random.Random(f"knowledge-v11-{seed}")
+    rng = random.Random(f"knowledge-v12-{seed}")
     reserved = set(forbidden_words) | {v for rels in RELATIONS.values() for vs in rels.values() for v in vs}
     reserved |= {w for rels in RELATIONS.values() for r in rels for w in r.split()}
     total = len(DOMAINS) * sum(entities_per_split.values())
