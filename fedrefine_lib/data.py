@@ -8,7 +8,9 @@ Files follow the hub data sets' schemas so one loader serves ``mini``, ``smol`` 
   (extra fields such as ``domain`` are kept out of the messages);
 * multiple choice like allenai/openbookqa: ``id``, ``question_stem``,
   ``choices: {"text": [...], "label": ["A", "B", "C", "D"]}``, ``answerKey``
-  (plus an optional ``domain``).
+  (plus an optional ``domain``, and ``private_context``: a note only the senders' devices
+  hold, asked as a ``prompts.CONTEXT_ROLE`` message; chat records may hold such messages
+  too, as ``{"from": "context"}``).
 
 Prompt formats: :func:`mcq_messages` (the question, optionally after a context note),
 :func:`background_messages` (T2T sender), :func:`rephrase_messages` (privacy
@@ -24,8 +26,14 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-ROLE_OF = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
-FROM_OF = {"system": "system", "user": "human", "assistant": "gpt"}
+from .prompts import CONTEXT_ROLE
+from .prompts import context_note as context_note
+
+ROLE_OF = {
+    "system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+    CONTEXT_ROLE: CONTEXT_ROLE,
+}  # fmt: skip
+FROM_OF = {"system": "system", "user": "human", "assistant": "gpt", CONTEXT_ROLE: CONTEXT_ROLE}
 MCQ_LABELS = ("A", "B", "C", "D")
 MCQ_INSTRUCTION = "Answer with the text of the correct option."
 BACKGROUND_INSTRUCTION = "Write one background sentence for this question."
@@ -157,6 +165,9 @@ def validate_mcq(item: dict, where: str = "item") -> dict:
         raise DataFormatError(f"{where}: answerKey {item['answerKey']!r} is not one of the labels {choices['label']}.")
     if not isinstance(item["question_stem"], str) or not item["question_stem"].strip():
         raise DataFormatError(f"{where}: question_stem must be a non-empty string.")
+    private = item.get("private_context")
+    if private is not None and (not isinstance(private, str) or not private.strip()):
+        raise DataFormatError(f"{where}: private_context must be a non-empty string (or absent), got {private!r}.")
     return item
 
 
@@ -171,14 +182,9 @@ def answer_text(item: dict) -> str:
     return choices["text"][choices["label"].index(item["answerKey"])]
 
 
-def context_note(texts: list[str]) -> str:
-    """One context note from several background texts (T2T senders or the oracle)."""
-    body = " ".join(t.strip() for t in texts if t and t.strip())
-    return f"Note: {body}"
-
-
 def mcq_messages(item: dict, context: str | None = None) -> list[dict]:
-    """The user turn asking an MCQ item (options listed), optionally after a context note.
+    """The user turn asking an MCQ item (options listed), optionally after a context note,
+    preceded by the item's ``private_context`` (a ``prompts.CONTEXT_ROLE`` message) if it has one.
 
     The answer scored is the option text itself, the continuation of the chat
     template's generation prompt.
@@ -188,7 +194,11 @@ def mcq_messages(item: dict, context: str | None = None) -> list[dict]:
     body = f"Question: {item['question_stem']}\n{options}\n{MCQ_INSTRUCTION}"
     if context:
         body = f"{context}\n{body}"
-    return [{"role": "user", "content": body}]
+    return _private(item.get("private_context")) + [{"role": "user", "content": body}]
+
+
+def _private(note: str | None) -> list[dict]:
+    return [{"role": CONTEXT_ROLE, "content": note}] if note else []
 
 
 def mcq_records(items: Sequence[dict]) -> list[list[dict]]:
@@ -197,9 +207,11 @@ def mcq_records(items: Sequence[dict]) -> list[list[dict]]:
     return [mcq_messages(it) + [{"role": "assistant", "content": answer_text(it)}] for it in items]
 
 
-def background_messages(question_stem: str) -> list[dict]:
-    """Ask a T2T sender for one background sentence for a question (no options)."""
-    return [{"role": "user", "content": f"{BACKGROUND_INSTRUCTION}\nQuestion: {question_stem}"}]
+def background_messages(question_stem: str, private_context: str | None = None) -> list[dict]:
+    """Ask a T2T sender for one background sentence for a question (no options), after
+    the private context its device holds, if any."""
+    ask = f"{BACKGROUND_INSTRUCTION}\nQuestion: {question_stem}"
+    return _private(private_context) + [{"role": "user", "content": ask}]
 
 
 def rephrase_messages(question_stem: str) -> list[dict]:

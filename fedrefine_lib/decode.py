@@ -10,10 +10,19 @@ from fedrefine_lib.engine import Engine
 from fedrefine_lib.prompts import Messages
 from fedrefine_lib.trace import Trace
 
+END_OF_TURN_TOKENS = ("<end_of_turn>", "<|im_end|>", "<|eot_id|>", "<|end|>")
+"""End-of-turn tokens of common chat templates (Gemma, Qwen/ChatML, Llama 3, Phi): a stop
+wherever the tokenizer has them as special tokens, even when its eos is another token."""
+
 
 def stop_token_ids(receiver) -> set[int]:
-    """End-of-turn ids: the tokenizer's eos and the generation config's eos ids."""
-    ids = set()
+    """End-of-turn ids: the tokenizer's eos, the generation config's eos ids and any of
+    :data:`END_OF_TURN_TOKENS` among the tokenizer's special tokens."""
+    tok = receiver.tokenizer
+    special = set(getattr(tok, "all_special_tokens", []) or []) | {
+        str(t) for t in (getattr(tok, "added_tokens_decoder", None) or {}).values() if getattr(t, "special", False)
+    }
+    ids = {tok.convert_tokens_to_ids(t) for t in END_OF_TURN_TOKENS if t in special}
     for value in (
         receiver.tokenizer.eos_token_id,
         getattr(getattr(receiver.model, "generation_config", None), "eos_token_id", None),

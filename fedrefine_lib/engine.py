@@ -27,7 +27,7 @@ from transformers import DynamicCache
 from fedrefine_lib import kv as kvlib
 from fedrefine_lib.align import Alignment
 from fedrefine_lib.kv import KVCache
-from fedrefine_lib.prompts import Messages, encode_prompts
+from fedrefine_lib.prompts import Messages, encode_prompts, holder_view, shared_view
 from fedrefine_lib.trace import Trace
 
 
@@ -143,11 +143,19 @@ def sender_prefill(
     return cache
 
 
-def encode_receiver(receiver, messages_batch: list[Messages], assistant_prefix: str | None, trace: Trace):
+def encode_receiver(
+    receiver, messages_batch: list[Messages], assistant_prefix: str | None, trace: Trace, holds_context: bool = False
+):
     """The receiver's prompt ``[B, T]`` (ids, mask; on its device) and its own cache of all
-    tokens but the last; counts the prompt tokens."""
+    tokens but the last; counts the prompt tokens.
+
+    Args:
+        holds_context: the chats' private context is on this model's device, so it reads it
+            (``prompts.holder_view``); otherwise it is dropped (``prompts.shared_view``).
+    """
+    view = holder_view if holds_context else shared_view
     with trace.time("tokenize"):
-        ids, mask = encode_prompts(receiver.tokenizer, messages_batch, assistant_prefix)
+        ids, mask = encode_prompts(receiver.tokenizer, [view(m) for m in messages_batch], assistant_prefix)
     dev = device_of(receiver.model)
     ids, mask = ids.to(dev), mask.to(dev)
     cache = receiver_prefill(receiver, ids, mask, trace)
@@ -156,14 +164,20 @@ def encode_receiver(receiver, messages_batch: list[Messages], assistant_prefix: 
 
 
 class Standalone:
-    """The receiver alone: its own prompt cache."""
+    """One model alone: its own prompt cache.
 
-    def __init__(self, receiver):
-        self.receiver = receiver
+    Args:
+        holds_context: the model runs on the device holding the chats' private context and
+            reads it (a sender answering or writing T2T text); False (the receiver alone):
+            it never sees it.
+    """
+
+    def __init__(self, receiver, holds_context: bool = False):
+        self.receiver, self.holds_context = receiver, holds_context
 
     def prefill(self, messages_batch: list[Messages], assistant_prefix: str | None = None) -> Prefill:
         trace = Trace()
-        ids, mask, cache = encode_receiver(self.receiver, messages_batch, assistant_prefix, trace)
+        ids, mask, cache = encode_receiver(self.receiver, messages_batch, assistant_prefix, trace, self.holds_context)
         return Prefill(ids, mask, cache, trace)
 
 

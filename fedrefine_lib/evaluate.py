@@ -9,6 +9,9 @@ Items follow the OpenBookQA schema: ``id``, ``question_stem``, ``choices{text, l
   log-probabilities of each option's text (tokenized on its own) after the question's
   prompt (``data.mcq_messages``); the prompt cache is built once per question and reused
   for its options.
+- ``"loglik_norm"`` (the harness's ``acc_norm``): the same sum divided by the option text's
+  length in characters, so long options are not penalised for their length (real small
+  models, whose option priors differ by length).
 - ``"letter"``: logits of the option letters after a reference-style prompt (the same
   turn asking for the letter) whose assistant turn starts "The correct answer is".
 - ``"generate"``: greedy generation after that prompt, then answer extraction.
@@ -41,7 +44,7 @@ from fedrefine_lib.stats import (
 )
 from fedrefine_lib.trace import Trace
 
-METHODS = ("loglik", "letter", "generate")
+METHODS = ("loglik", "loglik_norm", "letter", "generate")
 LETTER_PREFIX = "The correct answer is"
 LETTER_INSTRUCTION = "Answer with the letter of the correct option."
 
@@ -257,7 +260,7 @@ def score_mcq(
     """Score multiple-choice ``items`` with an engine (or a ``LoadedModel`` = receiver alone).
 
     Args:
-        method: ``"loglik"``, ``"letter"`` or ``"generate"`` (see the module docstring).
+        method: one of :data:`METHODS` (see the module docstring).
         batch_size: questions per forward pass (``loglik`` runs ``batch_size x options`` rows).
         max_new_tokens: generation budget for ``"generate"``.
         contexts: one context note per item (or None for none), put before the question
@@ -286,10 +289,12 @@ def score_mcq(
         labels = [list(it["choices"]["label"]) for it in batch]
         texts = [list(it["choices"]["text"]) for it in batch]
         outputs: list[str | None] = [None] * len(batch)
-        if method == "loglik":
+        if method in ("loglik", "loglik_norm"):
             scores, trace = continuation_logliks(
                 engine, [question_messages(it, c) for it, c in zip(batch, notes)], texts
             )
+            if method == "loglik_norm":
+                scores = [[v / len(t) for v, t in zip(row, ts)] for row, ts in zip(scores, texts)]
             preds = [_argmax_label(l, s) for l, s in zip(labels, scores)]
         elif method == "letter":
             pre = engine.prefill([letter_messages(it, c) for it, c in zip(batch, notes)], LETTER_PREFIX)

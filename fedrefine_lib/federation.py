@@ -39,7 +39,7 @@ from fedrefine_lib.engine import Prefill, encode_receiver, sender_prefill
 from fedrefine_lib.fuser import KINDS, Fuser, unwrap
 from fedrefine_lib.gate import GateQuery
 from fedrefine_lib.kv import KVCache
-from fedrefine_lib.prompts import Messages, encode_prompts
+from fedrefine_lib.prompts import Messages, encode_prompts, has_context, holder_view
 from fedrefine_lib.trace import Trace
 
 MODES = KINDS
@@ -199,9 +199,16 @@ class FedRefine:
             sender_batch = view(list(messages_batch)) if view is not None else None
             with trace.time("alignment"):
                 if aligner is None:  # block modes: the sender's own tokens, nothing to align
-                    s_ids, s_mask = encode_prompts(sender.tokenizer, sender_batch or messages_batch, assistant_prefix)
+                    chats = [holder_view(m) for m in sender_batch or messages_batch]  # it reads its private context
+                    s_ids, s_mask = encode_prompts(sender.tokenizer, chats, assistant_prefix)
                     a = Alignment(ids, mask, s_ids, s_mask, torch.full_like(ids, -1))
                 else:
+                    if any(has_context(m) for m in sender_batch or messages_batch):
+                        raise ValueError(
+                            f"The chats hold private context for {sender.name!r}, which residual fusion cannot "
+                            "use: it aligns the sender's tokens to the receiver's text, which has none. Use a "
+                            "block fuser (concat or prefix) for the private-context task."
+                        )
                     a = aligner(
                         messages_batch, self.receiver.tokenizer, sender.tokenizer, assistant_prefix,
                         sender_messages_batch=sender_batch,

@@ -179,10 +179,29 @@ def load_model(spec: ModelSpec, cache_dir: str | Path | None = None) -> LoadedMo
     return LoadedModel(spec.name, model.to(spec.device).eval(), prepare_tokenizer(tokenizer), spec)
 
 
+PLAIN_CHAT_TEMPLATE = (
+    "{% for m in messages %}"
+    "{% if m['role'] == 'system' %}{{ m['content'] }}\n\n"
+    "{% elif m['role'] == 'user' %}User: {{ m['content'] }}\n"
+    "{% else %}Assistant:\n{{ m['content'] }}{{ eos_token }}\n{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}Assistant:\n{% endif %}"
+)
+"""The chat template given to a tokenizer that has none (a base model such as Gemma-3-270M):
+plain "User:" / "Assistant:" turns, each answer ended by the eos token (its stop token)."""
+
+
 def prepare_tokenizer(tokenizer):
-    """Left padding and a pad token (the EOS token when the model has none)."""
+    """Left padding, a pad token (the EOS token when the model has none) and, for a base
+    model without one, :data:`PLAIN_CHAT_TEMPLATE` (part of the model's fingerprint)."""
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if not getattr(tokenizer, "chat_template", None):
+        if tokenizer.eos_token is None:
+            raise ModelNotAvailableError(
+                f"Tokenizer {type(tokenizer).__name__} has no chat template and no eos token, so no answer could "
+                "end; give it an eos token or a chat template (tokenizer.chat_template)."
+            )
+        tokenizer.chat_template = PLAIN_CHAT_TEMPLATE
     tokenizer.padding_side = "left"
     return tokenizer
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from fedrefine_lib.data import answer_text, mcq_messages
 from fedrefine_lib.engine import prefill
-from fedrefine_lib.prompts import Messages, encode_prompts
+from fedrefine_lib.prompts import Messages, encode_prompts, holder_view
 
 Pair = tuple[Messages, str]
 """A prompt and the answer text it should lead to."""
@@ -59,7 +59,8 @@ def cache_features(model, messages_batch: Sequence[Messages], position: int = -1
     device = next(model.model.parameters()).device
     out = []
     for i in range(0, len(messages_batch), batch_size):
-        ids, mask = encode_prompts(model.tokenizer, list(messages_batch[i : i + batch_size]))
+        chats = [holder_view(m) for m in messages_batch[i : i + batch_size]]  # a sender reads its own context
+        ids, mask = encode_prompts(model.tokenizer, chats)
         cache = prefill(model.model, ids.to(device), mask.to(device))
         per_layer = [
             torch.cat([k[:, :, position].flatten(1), v[:, :, position].flatten(1)], dim=-1)  # [B, 2HD]

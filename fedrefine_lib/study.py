@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .context_task import KIND, RELATIONS, ContextTaskConfig, write_task
 from .models import REPO_ROOT, LoadedModel, Profile, load_model, load_profile
 
 
@@ -157,8 +158,14 @@ class Study:
         )
 
     def knows(self, name: str) -> list[str]:
-        """Domains a model knows (mini world), else an empty list."""
-        return list(getattr(self.world, "knows", {}).get(name, []))
+        """Domains a model knows: the mini world's; for a private-context task (``task:``),
+        every domain for a sender (its device holds the records) and none for the receiver;
+        else an empty list."""
+        if self.world is not None:
+            return list(getattr(self.world, "knows", {}).get(name, []))
+        if self.settings.get("task") and name in self.senders:
+            return list(RELATIONS)
+        return []
 
     # ------------------------------------------------------------- scoring
 
@@ -171,7 +178,8 @@ class Study:
 
     def fact_notes(self, items: list[dict]) -> list[str]:
         """The oracle's context note per item: the true fact (OpenBookQA's ``fact1`` field;
-        for the mini world, the fact the item asks about)."""
+        for the mini world, the fact the item asks about; for the private-context task, the
+        sender's records themselves, now in the receiver's own prompt)."""
         from .data import context_note
 
         facts = {}
@@ -180,7 +188,7 @@ class Study:
             from .world.templates import statement
 
             facts = {f["fact_id"]: statement(Fact(**f)) for f in self.world.facts()}
-        notes = [it.get("fact1") or facts.get(it.get("fact_id")) for it in items]
+        notes = [it.get("fact1") or it.get("private_context") or facts.get(it.get("fact_id")) for it in items]
         missing = [it["id"] for it, note in zip(items, notes) if not note]
         if missing:
             raise KeyError(
@@ -245,7 +253,7 @@ def open_study(
     results_dir = Path(results_dir or REPO_ROOT / "results" / profile).resolve()
     results_dir.mkdir(parents=True, exist_ok=True)
     world, fmt = None, {}
-    if profile in ("mini", "smol"):
+    if profile == "mini":
         from .world import WorldConfig, build_world
 
         config = WorldConfig.smoke() if smoke else WorldConfig()
@@ -254,7 +262,27 @@ def open_study(
     if profile == "smol":
         fmt.update(_smol_weight_dirs(data_dir))
     loaded = load_profile(profile, **fmt)
+    if loaded.settings.get("task"):
+        _attach_task(loaded, data_dir / loaded.name / str(seed), seed, smoke)
     return Study(loaded, seed, data_dir, results_dir, world)
+
+
+def _attach_task(profile: Profile, root: Path, seed: int, smoke: bool) -> None:
+    """Build (or load) the profile's task (``task:`` block) and point its data sources at it."""
+    options = dict(profile.settings["task"])
+    if options.get("kind") != KIND:
+        raise ValueError(f"Profile {profile.name!r}: task kind {options.get('kind')!r}; the one task kind is {KIND!r}.")
+    if smoke:
+        options.update(train=24, val=12, test=12, distractors=min(options.get("distractors", 3), 3))
+    paths = write_task(root, seed, ContextTaskConfig(**options))
+    sources = profile.settings.setdefault("data", {})
+    clash = sorted(set(sources) & set(paths))
+    if clash:
+        raise ValueError(
+            f"Profile {profile.name!r} names {clash} under `data:` and also has a `task:` that provides them; "
+            "drop one of the two."
+        )
+    sources.update({key: str(path) for key, path in paths.items()})
 
 
 def _smol_weight_dirs(data_dir: Path) -> dict[str, str]:

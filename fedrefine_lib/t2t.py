@@ -73,11 +73,14 @@ def t2t_notes(
     stages = {"tokenize": "sender_prefill", "receiver_prefill": "sender_prefill", "decode": "sender_decode"}
     for sender in senders:
         own = _sender_stems(stems, sender.name, items)
-        engine = Standalone(sender)
+        engine = Standalone(sender, holds_context=True)  # a sender reads its device's private context
         n_ids = 0
         for i in tqdm(range(0, len(items), batch_size), desc=f"T2T {sender.name}", disable=not progress):
             if protocol == "background":
-                batch = [data.background_messages(s) for s in own[i : i + batch_size]]
+                batch = [
+                    data.background_messages(s, it.get("private_context"))
+                    for it, s in zip(items[i:], own[i : i + batch_size])
+                ]
             else:
                 batch = [
                     data.mcq_messages({**it, "question_stem": s}) for it, s in zip(items[i:], own[i : i + batch_size])

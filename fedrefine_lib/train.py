@@ -38,7 +38,7 @@ from fedrefine_lib.decode import stop_token_ids
 from fedrefine_lib.engine import Prefill, continue_prefill
 from fedrefine_lib.federation import C2C, Caches
 from fedrefine_lib.fuser import Fuser
-from fedrefine_lib.prompts import Record, encode_prompts, right_pad, split_record
+from fedrefine_lib.prompts import Record, encode_prompts, right_pad, shared_view, split_record
 
 
 @dataclass
@@ -326,7 +326,7 @@ def finetune_receiver(receiver, records: Sequence[Record], config: TrainConfig |
     def make_loss(wrapped: torch.nn.Module) -> Callable[[int], torch.Tensor]:
         def loss_of(b: int) -> torch.Tensor:
             prompts, answers = zip(*(split_record(tok, records[i], stops) for i in fixed[b]))
-            ids, mask = encode_prompts(tok, list(prompts))  # [B, T], left padded
+            ids, mask = encode_prompts(tok, [shared_view(m) for m in prompts])  # [B, T], left padded; no sender context
             ans_ids, ans_mask = right_pad(list(answers), ids.device)  # [B, L]
             full, full_mask = torch.cat([ids, ans_ids], 1), torch.cat([mask, ans_mask.to(mask)], 1)
             positions = (full_mask.cumsum(-1) - 1).clamp(min=0)

@@ -1,0 +1,128 @@
+"""The private-context task: items, files, and private context reaching only the sender."""
+
+import pytest
+import torch
+from transformers import PreTrainedTokenizerFast
+
+from fedrefine_lib import data, evaluate, federation, prompts
+from fedrefine_lib.context_task import RELATIONS, ContextTaskConfig, build_task, write_task
+from fedrefine_lib.engine import Standalone
+from fedrefine_lib.fuser import BlockFuser, FuserConfig, ResidualFuser
+from fedrefine_lib.models import PLAIN_CHAT_TEMPLATE, prepare_tokenizer
+from fedrefine_lib.t2t import t2t_notes
+
+SMALL = ContextTaskConfig(train=30, val=12, test=18, distractors=2)
+
+
+def test_task_is_seeded_and_splits_share_no_person():
+    a, b = build_task(3, SMALL), build_task(3, SMALL)
+    assert a == b and build_task(4, SMALL) != a
+    people = {split: {it["entity"] for it in items} for split, items in a.items()}
+    assert not people["train"] & people["val"] and not people["train"] & people["test"]
+    assert not people["val"] & people["test"]
+    assert [len(a[s]) for s in ("train", "val", "test")] == [30, 12, 18]
+    for it in a["test"]:
+        data.validate_mcq(it)
+        answer = data.answer_text(it)
+        fact = RELATIONS[it["domain"]].statement.format(e=it["entity"], v=answer)
+        assert fact in it["private_context"]  # the sender's records hold the answer
+        assert it["private_context"].count(". ") == SMALL.distractors  # and the distractor facts
+        assert it["entity"] in it["question_stem"] and answer not in it["question_stem"]
+    assert {it["domain"] for it in a["test"]} == set(RELATIONS)
+
+
+def test_write_task_once_and_loads(tmp_path):
+    paths = write_task(tmp_path, 0, SMALL)
+    stamps = {k: p.stat().st_mtime_ns for k, p in paths.items()}
+    assert write_task(tmp_path, 0, SMALL) == paths
+    assert {k: p.stat().st_mtime_ns for k, p in paths.items()} == stamps  # never rewritten
+    assert data.load_mcq(paths["mcq_test"]) == build_task(0, SMALL)["test"]
+    records = data.load_chat_records(paths["chat_train"])
+    assert len(records) == 30 and records[0][0]["role"] == prompts.CONTEXT_ROLE
+    assert records[0][-1]["role"] == "assistant"
+    assert not list(tmp_path.rglob("*.tmp*"))
+
+
+def test_bad_config_is_refused():
+    with pytest.raises(ValueError, match="options"):
+        ContextTaskConfig(options=9)
+    with pytest.raises(ValueError, match="kind"):
+        ContextTaskConfig(kind="other")
+    with pytest.raises(TypeError, match="seed"):
+        build_task("0", SMALL)
+    with pytest.raises(data.DataFormatError, match="private_context"):
+        data.validate_mcq({**build_task(0, SMALL)["val"][0], "private_context": ""})
+
+
+def test_views_and_render_refuses_raw_context(qwen_tokenizer):
+    item = build_task(0, SMALL)["val"][0]
+    chat = data.mcq_messages(item)
+    assert prompts.has_context(chat) and not prompts.has_context(prompts.shared_view(chat))
+    # the holder reads exactly the oracle's prompt: its records as a note before the question
+    oracle = data.mcq_messages({**item, "private_context": None}, prompts.context_note([item["private_context"]]))
+    assert prompts.holder_view(chat) == oracle
+    assert prompts.shared_view(chat) == data.mcq_messages({**item, "private_context": None})
+    with pytest.raises(ValueError, match="holder_view"):
+        prompts.render(qwen_tokenizer, chat)
+    with pytest.raises(ValueError, match="followed by a user turn"):
+        prompts.holder_view([{"role": prompts.CONTEXT_ROLE, "content": "x"}])
+
+
+def _ids(engine, chats):
+    with torch.no_grad():
+        return engine.prefill(chats).input_ids
+
+
+def test_private_context_reaches_the_sender_only(loaded_models):
+    receiver, sender = loaded_models["qwen3"], loaded_models["llama"]
+    item = build_task(0, SMALL)["val"][1]
+    plain = {**item, "private_context": None}
+    note = prompts.context_note([item["private_context"]])
+    chats = [data.mcq_messages(item)]
+    assert torch.equal(_ids(Standalone(receiver), chats), _ids(Standalone(receiver), [data.mcq_messages(plain)]))
+    held = _ids(Standalone(sender, holds_context=True), chats)
+    assert torch.equal(held, _ids(Standalone(sender), [data.mcq_messages(plain, note)]))
+    torch.manual_seed(0)
+    fuser = BlockFuser(FuserConfig.for_pair(receiver, sender, kind="concat", hidden=8)).eval()
+    engine = federation.C2C(receiver, sender, fuser)
+    caches = engine.prompt_caches(chats)
+    assert torch.equal(caches.receiver_ids, _ids(Standalone(receiver), chats))  # the receiver's own prompt: no records
+    assert caches.alignments[0].sender_ids.shape[1] == held.shape[1]  # the sender's: its records + question
+    residual = ResidualFuser(FuserConfig.for_pair(receiver, sender, hidden=8)).eval()
+    with pytest.raises(ValueError, match="block fuser"):
+        federation.C2C(receiver, sender, residual).prefill(chats)
+
+
+def test_scores_and_t2t_read_the_records_on_the_sender_side(loaded_models):
+    sender = loaded_models["qwen2"]
+    items = build_task(0, SMALL)["val"][:4]
+    plain = [{**it, "private_context": None} for it in items]
+    notes = [prompts.context_note([it["private_context"]]) for it in items]
+    held = evaluate.score_mcq(Standalone(sender, holds_context=True), items, progress=False)
+    oracle = evaluate.score_mcq(sender, plain, contexts=notes, progress=False)
+    assert held.scores == oracle.scores
+    alone = evaluate.score_mcq(sender, items, progress=False)
+    assert alone.scores == evaluate.score_mcq(sender, plain, progress=False).scores
+    _, with_records, _ = t2t_notes([sender], items, protocol="background", max_new_tokens=3, progress=False)
+    _, without, _ = t2t_notes([sender], plain, protocol="background", max_new_tokens=3, progress=False)
+    assert len(with_records) == len(without) == 4  # both run; the sender's prompt differs (above)
+
+
+def test_loglik_norm_divides_by_option_length(loaded_models):
+    model = loaded_models["qwen3"]
+    items = build_task(0, SMALL)["val"][:3]
+    raw = evaluate.score_mcq(model, items, method="loglik", progress=False)
+    norm = evaluate.score_mcq(model, items, method="loglik_norm", progress=False)
+    for it, r, n in zip(items, raw.scores, norm.scores):
+        assert n == pytest.approx([v / len(t) for v, t in zip(r, it["choices"]["text"])])
+
+
+def test_base_model_gets_the_plain_template(qwen_tokenizer):
+    tok = PreTrainedTokenizerFast(tokenizer_object=qwen_tokenizer.backend_tokenizer, eos_token="<|im_end|>")
+    assert not tok.chat_template
+    tok = prepare_tokenizer(tok)
+    assert tok.chat_template == PLAIN_CHAT_TEMPLATE and tok.pad_token == "<|im_end|>"
+    record = [{"role": "user", "content": "Fox?"}, {"role": "assistant", "content": "quick"}]
+    prompt, answer = prompts.split_record(tok, record)
+    assert prompt == record[:1] and answer[-1] == tok.eos_token_id
+    assert prompts.render(tok, prompt).text == "User: Fox?\nAssistant:\n"
