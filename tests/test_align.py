@@ -193,3 +193,38 @@ def test_span_template_fuses_template_tokens_gap_by_gap(qwen_tokenizer, llama_to
     assert both.sender_index[0, -1] == both.sender_ids.shape[1] - 1
     assert both.sender_index[0, -2] == both.sender_ids.shape[1] - 2
     assert both.sender_index[0, 0] == both.sender_index[0, :3].min()  # the first gap maps from its end too
+
+
+@pytest.mark.parametrize(
+    "messages, prefix",
+    [
+        ([{"role": "user", "content": "user"}], None),  # the role name the template writes just before it
+        ([{"role": "system", "content": "a"}, {"role": "user", "content": "start"}], None),  # inside <|im_start|>
+        ([{"role": "user", "content": "Hi."}], "assistant"),  # a prefix the generation prompt also holds
+    ],
+)
+def test_span_aligner_finds_short_messages_that_also_occur_in_the_template(
+    messages, prefix, qwen_tokenizer, llama_tokenizer
+):
+    """Contents are located where the template puts them (not at their first occurrence in the
+    rendered text), so only content tokens are fused, each with a token of the sender's content."""
+    contents = [m["content"] for m in messages] + ([prefix] if prefix else [])
+    rendered = {t: render(t, messages, prefix) for t in (qwen_tokenizer, llama_tokenizer)}
+    for tok, r in rendered.items():
+        assert [r.text[a:b] for a, b in r.segments] == contents
+        marked = render(tok, [{**m, "content": f"@{i}@"} for i, m in enumerate(messages)]).text
+        for (a, _), i in zip(r.segments, range(len(messages))):  # same template text before each content
+            assert a == marked.index(f"@{i}@") + sum(len(c) - 3 for c in contents[:i])
+        if prefix:
+            assert r.segments[-1][0] == len(r.text) - len(prefix)
+    a = align.SpanAligner()([messages], qwen_tokenizer, llama_tokenizer, assistant_prefix=prefix)
+    r, s = rendered[qwen_tokenizer], rendered[llama_tokenizer]
+    for t, i in enumerate(a.sender_index[0].tolist()):
+        pos = align._content_position(r, t)
+        assert (i >= 0) == (pos is not None), r.offsets[t]
+        if i >= 0:
+            k, offset = pos
+            s_a, s_b = s.offsets[i]
+            assert s.segments[k][0] <= s_a < s.segments[k][1] and s_a <= s.segments[k][0] + offset < s_b
+    fused = [r.text[slice(*r.offsets[t])] for t, i in enumerate(a.sender_index[0].tolist()) if i >= 0]
+    assert "".join(fused) == "".join(contents)
