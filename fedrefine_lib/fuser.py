@@ -37,7 +37,7 @@ from fedrefine_lib import kv as kvlib
 from fedrefine_lib.align import get_aligner
 from fedrefine_lib.align import layer_map as make_layer_map
 from fedrefine_lib.kv import KVCache
-from fedrefine_lib.safe_io import LoadError, load_module, save_module
+from fedrefine_lib.safe_io import LoadError, load_module, save_module, strict_config
 
 WEIGHTS_FILE = "fuser.safetensors"
 CONFIG_FILE = "fuser_config.json"
@@ -414,13 +414,6 @@ def unwrap(fuser: nn.Module) -> Fuser:
     return getattr(fuser, "module", fuser)
 
 
-def _parse(meta: dict[str, Any]) -> FuserConfig:
-    """The saved config, every field present (a missing one would silently take its default)."""
-    if missing := [f for f in FuserConfig.__dataclass_fields__ if f not in meta["config"]]:
-        raise KeyError(f"config lacks {missing}")
-    return FuserConfig(**meta["config"])
-
-
 def load_fuser(directory: str | Path, receiver=None, sender=None, kind: str | None = None) -> Fuser:
     """Load a saved fuser of any kind, strictly (see ``safe_io.load_module``).
 
@@ -444,6 +437,7 @@ def load_fuser(directory: str | Path, receiver=None, sender=None, kind: str | No
             check_pair_info(config.to_dict(), pair_info(receiver, sender))
 
     return load_module(
-        directory, WEIGHTS_FILE, CONFIG_FILE, format_version=FORMAT_VERSION, parse=_parse, build=build_fuser,
-        check=check, what="fuser", error=FuserLoadError, missing=MissingFuserFileError,
+        directory, WEIGHTS_FILE, CONFIG_FILE, format_version=FORMAT_VERSION,
+        parse=lambda meta: strict_config(FuserConfig, meta), build=build_fuser, check=check,
+        what="fuser", error=FuserLoadError, missing=MissingFuserFileError,
     )  # fmt: skip

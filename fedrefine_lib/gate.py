@@ -21,7 +21,7 @@ from torch import nn
 
 from fedrefine_lib.kv import KVCache, kv_shape
 from fedrefine_lib.prompts import Messages
-from fedrefine_lib.safe_io import LoadError, load_module, save_module
+from fedrefine_lib.safe_io import LoadError, load_module, save_module, strict_config
 
 OWN = "own"
 """Name of the receiver's own cache as a source (column 0 of the weights)."""
@@ -270,6 +270,6 @@ class Gate(nn.Module):
 
         return load_module(
             directory, WEIGHTS_FILE, CONFIG_FILE, format_version=FORMAT_VERSION,
-            parse=lambda meta: GateConfig(**meta["config"]), build=cls, check=check, what="gate",
+            parse=lambda meta: strict_config(GateConfig, meta), build=cls, check=check, what="gate",
             error=GateLoadError, missing=GateLoadError,
         )  # fmt: skip

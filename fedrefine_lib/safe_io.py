@@ -13,6 +13,7 @@ refuses non-finite weights. Every failure says what differs.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections.abc import Callable
@@ -64,6 +65,20 @@ def config_digest(meta: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
+def strict_config(cls: type, meta: dict[str, Any]) -> Any:
+    """``cls(**meta["config"])`` (``cls`` a dataclass) with every field present and no other: a
+    missing key would silently take its default (ValueError naming the keys)."""
+    config = meta.get("config")
+    if not isinstance(config, dict):
+        raise ValueError("it has no 'config' object")
+    names = [f.name for f in dataclasses.fields(cls)]
+    if missing := [n for n in names if n not in config]:
+        raise ValueError(f"config lacks {missing}")
+    if extra := sorted(set(config) - set(names)):
+        raise ValueError(f"config has unknown keys {extra}")
+    return cls(**config)
+
+
 def header_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     """Tensor name -> shape from a safetensors file's header (nothing else is read)."""
     with open(path, "rb") as f:
@@ -112,7 +127,11 @@ def load_module(
                 "its config_sha256 does not match its contents (edited after saving, or saved by an older version)"
             )
         config = parse(meta)
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+    except json.JSONDecodeError as e:
+        raise error(
+            f"Corrupt {directory / config_file}: not valid JSON ({e}; cut short by an interrupted write?). {fix}"
+        ) from e
+    except (KeyError, TypeError, ValueError) as e:
         raise error(f"Corrupt {directory / config_file}: {e}. {fix}") from e
     if meta.get("format_version") != format_version:
         raise error(

@@ -173,8 +173,11 @@ def test_truncated_weights_with_matching_checksum(saved):
 
 def test_corrupt_config(saved):
     _, path = saved
-    (path / "fuser_config.json").write_text("{not json")
-    with pytest.raises(FuserLoadError, match="Corrupt .*fuser_config.json"):
+    text = (path / "fuser_config.json").read_text()
+    (path / "fuser_config.json").write_text(text[: len(text) // 2])  # cut short
+    with pytest.raises(
+        FuserLoadError, match="Corrupt .*fuser_config.json: not valid JSON .*interrupted write.*Re-save"
+    ):
         load_fuser(path)
 
 
@@ -206,11 +209,36 @@ def test_an_edited_config_is_refused(saved):
         load_fuser(path)
 
 
-def test_a_missing_config_key_is_named(saved):
+@pytest.mark.parametrize("key", ["aligner", "hidden"])
+def test_a_missing_config_key_is_named(saved, key):
+    """A config without a key (re-signed, so the checksum passes) names the key and the file,
+    instead of silently taking the default (``identity`` aligner, 128 wide)."""
     _, path = saved
-    resign(path, lambda m: m["config"].pop("aligner"))
-    with pytest.raises(FuserLoadError, match=r"config lacks \['aligner'\]"):
+    resign(path, lambda m: m["config"].pop(key))
+    with pytest.raises(FuserLoadError, match=rf"Corrupt .*fuser_config.json: config lacks \['{key}'\].*retrain"):
         load_fuser(path)
+    resign(path, lambda m: m["config"].update({key: 16 if key == "hidden" else "span", "width": 3}))
+    with pytest.raises(FuserLoadError, match=r"config has unknown keys \['width'\]"):
+        load_fuser(path)
+
+
+def test_a_concat_fuser_opened_with_the_residual_loader_is_named(loaded_models, tmp_path):
+    """``load_fuser(kind="residual")`` on a concat fuser says which kind the file holds and how
+    to run it, before any weight is read; so does the hub asked for residual fusers."""
+    from fedrefine_lib.fuser import BlockFuser
+    from fedrefine_lib.hub import FuserHub
+    from fedrefine_lib.train import TrainResult
+
+    receiver, sender = loaded_models["qwen3"], loaded_models["llama"]
+    concat = BlockFuser(FuserConfig.for_pair(receiver, sender, kind="concat", hidden=16)).eval()
+    concat.save_pretrained(tmp_path / "c")
+    with pytest.raises(FuserLoadError, match=r"holds a 'concat' fuser, not a 'residual' one.*kind='concat'"):
+        load_fuser(tmp_path / "c", receiver, sender, kind="residual")
+    assert load_fuser(tmp_path / "c", receiver, sender, kind="concat").kind == "concat"
+    hub = FuserHub(tmp_path / "hub")
+    hub.put(concat, TrainResult([1.0], {}, 1, 0.0), {"test": 1}, variant="default")
+    with pytest.raises(ValueError, match=r"variant 'default' holds fusers of kinds \{'llama': 'concat'\}.*'residual'"):
+        hub.fusers(receiver, [sender], "residual")
 
 
 def test_non_finite_weights_are_refused_at_save_and_load(saved, tmp_path):

@@ -1,5 +1,7 @@
 """Gating network and selection policies (issue 6)."""
 
+import json
+
 import pytest
 import torch
 from test_multi import PROMPTS, engine, logits
@@ -8,6 +10,7 @@ from fedrefine_lib import federation, gate_training, gating, train
 from fedrefine_lib import gate as gatelib
 from fedrefine_lib.engine import Standalone
 from fedrefine_lib.evaluate import McqResult
+from fedrefine_lib.safe_io import config_digest
 from fedrefine_lib.train import TrainConfig
 
 
@@ -73,6 +76,14 @@ def test_gate_save_load_strict(loaded_models, tmp_path):
         gatelib.Gate.from_pretrained(tmp_path / "g")
     with pytest.raises(gatelib.GateLoadError, match="not a saved gate"):
         gatelib.Gate.from_pretrained(tmp_path / "nothing")
+    # A config without `hidden` (re-signed, so its checksum passes) names the key, not a default width.
+    gate.save_pretrained(tmp_path / "h")
+    meta = json.loads((tmp_path / "h" / gatelib.CONFIG_FILE).read_text())
+    del meta["config"]["hidden"]
+    meta["config_sha256"] = config_digest(meta)
+    (tmp_path / "h" / gatelib.CONFIG_FILE).write_text(json.dumps(meta))
+    with pytest.raises(gatelib.GateLoadError, match=r"gate_config.json: config lacks \['hidden'\]"):
+        gatelib.Gate.from_pretrained(tmp_path / "h")
 
 
 def result(ids, domains, correct):
