@@ -8,19 +8,20 @@ Layout on disk::
 
 ``variant`` names a recipe of the same pair (``"default"``, or ablations such as
 ``"reencode"``). A stored fuser is reused only while the recipe that made it is unchanged
-(fuser config, training config, training data hash and both models' fingerprints: weights,
-tokenizer, chat template); otherwise it is retrained.
+(fuser config, training config, training data hash, both models' fingerprints: weights,
+tokenizer, chat template, and the fingerprint of the world the models come from); otherwise
+it is retrained, and the fuser of the other recipe is kept aside (``.<variant>.replaced-*``).
 
 Concurrent and interrupted runs cannot corrupt the hub (:mod:`.store`): a pair's directory is
-written to a staging directory and published whole by rename; one trainer of a pair at a time
-(a second waits, then reuses the result); readers hold a shared lock; a corrupt or incomplete
-pair is moved aside with a warning and retrained. Names are single path components, so
-nothing is written outside the root.
+written to a staging directory and published whole; one trainer of a pair at a time (a second
+waits, then reuses the result); readers hold a shared lock and get a fuser whose config is the
+one its recipe names; a corrupt or incomplete pair is moved aside with a warning and retrained.
+Names are single path components, so nothing is written outside the root. Recipes, jobs and
+ablations (:func:`recipe`, :class:`FuserJob`, :func:`ablation_jobs`) live in :mod:`.jobs`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import multiprocessing as mp
 import os
@@ -28,23 +29,38 @@ import shutil
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .fuser import KINDS, Fuser, FuserConfig, FuserLoadError, build_fuser, load_fuser
+from .fuser import Fuser, FuserConfig, FuserLoadError, MissingFuserFileError, build_fuser, load_fuser
+from .jobs import (
+    ABLATIONS,
+    BLOCK_ONLY_OPTIONS,
+    FuserJob,
+    ablation_jobs,
+    as_json,
+    check_ablations,
+    default_variant,
+    recipe,
+    records_hash,
+)
 from .prompts import Record
-from .store import check_name, lock_path, locked, publish, quarantine, staging_dir
+from .store import check_name, lock_path, locked, publish, quarantine, reading, staging_dir
 from .train import TrainConfig, TrainResult, train_fuser
 
-BLOCK_ONLY_OPTIONS: tuple[str, ...] = ("sender_positions",)
-"""``FuserConfig`` options that only concat and prefix (block) fusers take."""
 INDEX_FILE = "index.json"
 LOCK_FILE = ".index.lock"
 TRAIN_FILE = "train.json"
-_VOLATILE = {"progress", "loss_curve_path"}  # training settings that do not change the result
+__all__ = [
+    "ABLATIONS", "BLOCK_ONLY_OPTIONS", "FuserHub", "FuserJob", "MissingFuserError", "ablation_jobs",
+    "check_ablations", "default_variant", "recipe", "records_hash",
+]  # fmt: skip
+
+
+_RETRAIN = "FuserHub.get_or_train moves the pair aside and trains it again (or remove its directory)."
 
 
 class MissingFuserError(KeyError):
@@ -54,109 +70,15 @@ class MissingFuserError(KeyError):
         return str(self.args[0])
 
 
-def records_hash(records: Sequence[Record]) -> str:
-    """Short sha256 of the training records (part of a fuser's recipe)."""
-    return hashlib.sha256(json.dumps(list(records), sort_keys=True).encode()).hexdigest()[:16]
-
-
-def recipe(
-    fuser_config: FuserConfig, train_config: TrainConfig, data_hash: str, models: dict[str, str] | None = None
-) -> dict[str, Any]:
-    """What determines a trained fuser, as JSON-ready data (``models``: role -> fingerprint)."""
-    train = {k: v for k, v in train_config.to_dict().items() if k not in _VOLATILE}
-    return {"fuser": fuser_config.to_dict(), "train": train, "data": data_hash, "models": models or {}}
-
-
-def default_variant(kind: str) -> str:
-    """The hub variant a fusion mode's main fusers are stored under: ``"default"`` for
-    residual C2C fusers, the mode's name (``"concat"``) otherwise."""
-    if kind not in KINDS:
-        raise ValueError(f"Unknown fuser kind {kind!r}; known: {list(KINDS)}.")
-    return "default" if kind == "residual" else kind
-
-
-@dataclass(frozen=True)
-class FuserJob:
-    """One fuser for :meth:`FuserHub.train_missing`: F_{sender->receiver} of ``variant``,
-    a ``kind`` (a fusion mode: ``"residual"``, ``"concat"`` or ``"prefix"``) and
-    ``FuserConfig.for_pair`` options.
-
-    Options only block fusers take (:data:`BLOCK_ONLY_OPTIONS`, e.g. ``sender_positions``)
-    are dropped from a residual job, so one profile's ``fuser:`` options serve every kind.
-    """
-
-    sender: str
-    receiver: str
-    variant: str = "default"
-    kind: str = "residual"
-    options: dict[str, Any] = field(default_factory=dict, hash=False)
-
-    def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise ValueError(
-                f"FuserJob {self.sender}->{self.receiver}: unknown kind {self.kind!r}; use one of {list(KINDS)}."
-            )
-        if self.kind == "residual":
-            object.__setattr__(self, "options", {k: v for k, v in self.options.items() if k not in BLOCK_ONLY_OPTIONS})
-
-    @classmethod
-    def main(cls, sender: str, receiver: str, kind: str, **options: Any) -> FuserJob:
-        """The pair's main fuser of a fusion mode (stored under :func:`default_variant`)."""
-        return cls(sender, receiver, default_variant(kind), kind, options)
-
-
-ABLATIONS = ("fusion", "prefix", "positions", "reencode", "span_template", "layer_map")
-"""Ablations of a pair's main fuser (:func:`ablation_jobs`)."""
-
-
-def check_ablations(names: Sequence[str]) -> None:
-    """Refuse anything but a list of names from :data:`ABLATIONS`, naming the allowed ones."""
-    if not isinstance(names, (list, tuple)) or set(names) - set(ABLATIONS):
-        raise ValueError(f"ablations={names!r}: give a list of names from {ABLATIONS} (or [] for none).")
-
-
-def ablation_jobs(
-    sender: str, receiver: str, fusion: str, options: dict[str, Any], names: Sequence[str]
-) -> dict[str, FuserJob]:
-    """The fusers of an ablation of F_{sender->receiver}, each one change from the main recipe
-    (fusion mode ``fusion``, ``FuserConfig.for_pair`` ``options``).
-
-    Args:
-        names: from :data:`ABLATIONS`: ``fusion`` (the other of residual / concat), ``prefix``
-            (prefix fusion), ``positions`` (block modes: every prompt position sent, or only
-            the last), ``reencode`` and ``span_template`` (residual fusion with that aligner),
-            ``layer_map`` (each other layer map of ``top``, ``top_down``, ``bottom_up``).
-    Returns:
-        ``{ablation label: job}`` (``"layer_map <kind>"`` for each other layer map), each
-        stored under its own hub variant.
-    """
-    check_ablations(names)
-    other_mode = "residual" if fusion == "concat" else "concat"
-    layer_map = options.get("layer_map", "top_down")
-    map_kind = layer_map if isinstance(layer_map, str) else "custom"
-    positions = options.get("sender_positions")
-    changes = {  # ablation -> (hub variant, fusion mode, change to the fuser options)
-        "fusion": (default_variant(other_mode), other_mode, {}),
-        **({"prefix": (default_variant("prefix"), "prefix", {})} if fusion != "prefix" else {}),
-        **({"positions": (f"{fusion}_{'all_positions' if positions else 'last_position'}", fusion,
-                          {"sender_positions": None if positions else 1})} if fusion != "residual" else {}),
-        "reencode": ("reencode", "residual", {"aligner": "reencode"}),
-        "span_template": ("span_template", "residual", {"aligner": "span_template"}),
-        **{f"layer_map {m}": (f"{fusion}_{m}", fusion, {"layer_map": m})
-           for m in ("top", "top_down", "bottom_up") if m != map_kind},
-    }  # fmt: skip
-    return {
-        name: FuserJob(sender, receiver, variant, kind, {**options, **change})
-        for name, (variant, kind, change) in changes.items()
-        if name.split()[0] in names
-    }
-
-
 class FuserHub:
     """All fusers of a set of models, one directory per ordered pair and variant."""
 
-    def __init__(self, root: str | Path):
+    def __init__(self, root: str | Path, world: str | None = None):
+        """``world``: fingerprint of the world config the models and data come from (e.g.
+        ``study.Study.world_fingerprint``), part of every recipe this hub makes, so the fusers
+        of one world config are never reused for another."""
         self.root = Path(root)
+        self.world = world
         self.root.mkdir(parents=True, exist_ok=True)
 
     # ------------------------------------------------------------------ paths/index
@@ -176,7 +98,8 @@ class FuserHub:
         except json.JSONDecodeError as err:
             raise ValueError(
                 f"The hub index {path} is not valid JSON ({err}); it lists the fusers stored beside it. Move it "
-                "aside: the hub then sees no fuser and trains each again when asked."
+                "aside (or delete it): get_or_train and train_missing then list each stored fuser again when it "
+                "is asked for, without retraining it."
             ) from err
 
     @contextmanager
@@ -201,27 +124,71 @@ class FuserHub:
             return False
         try:
             stored = self.training(sender, receiver, variant).get("recipe")
-        except (FileNotFoundError, json.JSONDecodeError):
+        except FuserLoadError:
             return False
-        return recipe is None or stored == json.loads(json.dumps(recipe))
+        return recipe is None or stored == as_json(recipe)
 
     # ----------------------------------------------------------------- get / put
 
     def get(self, sender, receiver, variant: str = "default") -> Fuser:
         """F_{sender->receiver}. ``sender``/``receiver`` are names or ``LoadedModel``s (then
-        the pair is checked strictly against the models)."""
+        the pair is checked strictly against the models).
+
+        Raises:
+            MissingFuserError (not in the index), FuserLoadError (the pair's files are
+            missing, corrupt, or do not match each other; the error names the file).
+        """
         s_name, r_name = getattr(sender, "name", sender), getattr(receiver, "name", receiver)
-        if not self.has(s_name, r_name, variant):
+        if self.key(s_name, r_name, variant) not in self.index():
             stored = sorted(self.index())
             raise MissingFuserError(
                 f"The hub at {self.root} has no fuser {self.key(s_name, r_name, variant)} "
                 f"(sender {s_name!r} -> receiver {r_name!r}). Stored: {stored or 'none'}. "
                 "Train it with FuserHub.train_missing(...) or FuserHub.get_or_train(...)."
             )
+        loaded = self._load(sender, receiver, variant)
+        assert loaded is not None  # no recipe asked for
+        return loaded[0]
+
+    def _load(self, sender, receiver, variant: str, recipe: dict | None = None) -> tuple[Fuser, dict] | None:
+        """The pair's fuser and training record, read under one shared lock (never half of a
+        publication, never one publication's weights with another's record); None when
+        ``recipe`` is given and the stored one differs."""
+        s_name, r_name = getattr(sender, "name", sender), getattr(receiver, "name", receiver)
         models = (receiver, sender) if hasattr(sender, "model") and hasattr(receiver, "model") else (None, None)
         directory = self.pair_dir(s_name, r_name, variant)
-        with locked(lock_path(directory), shared=True):  # never half of a pair being published
-            return load_fuser(directory, *models)
+        with reading(directory):  # never half of a publication
+            record = self._record(directory)
+            if recipe is not None and record.get("recipe") != as_json(recipe):
+                return None
+            try:
+                fuser = load_fuser(directory, *models)
+            except FuserLoadError as err:
+                raise type(err)(f"{err} (Hub pair {self.key(s_name, r_name, variant)}: {_RETRAIN})") from err
+        made_by = record.get("recipe", {}).get("fuser")
+        if made_by is not None and made_by != as_json(fuser.config.to_dict()):
+            raise FuserLoadError(
+                f"{directory}: the fuser's config differs from the recipe in its {TRAIN_FILE} (files of two "
+                f"different runs). {_RETRAIN}"
+            )
+        return fuser, record
+
+    def _record(self, directory: Path) -> dict[str, Any]:
+        """A pair's ``train.json``, or FuserLoadError naming the file, the cause and the fix."""
+        path = directory / TRAIN_FILE
+        try:
+            record = json.loads(path.read_text())
+        except FileNotFoundError as err:
+            raise MissingFuserFileError(
+                f"{path} is missing: the hub's index lists this pair but its directory is incomplete. {_RETRAIN}"
+            ) from err
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise FuserLoadError(
+                f"Corrupt {path}: not valid JSON ({err}; cut short by an interrupted write?). {_RETRAIN}"
+            ) from err
+        if not isinstance(record, dict):
+            raise FuserLoadError(f"Corrupt {path}: not a JSON object. {_RETRAIN}")
+        return record
 
     def fusers(self, receiver, senders, kind: str = "residual", variant: str | None = None) -> dict[str, Fuser]:
         """Every sender's fuser for ``receiver`` of one fusion mode, ``{sender name: fuser}``
@@ -241,10 +208,11 @@ class FuserHub:
         return fusers
 
     def training(self, sender: str, receiver: str, variant: str = "default") -> dict[str, Any]:
-        """The stored training record (loss curve, configs, recipe) of a fuser."""
+        """The stored training record (loss curve, configs, recipe) of a fuser (FuserLoadError
+        when it is missing or corrupt)."""
         directory = self.pair_dir(sender, receiver, variant)
-        with locked(lock_path(directory), shared=True):
-            return json.loads((directory / TRAIN_FILE).read_text())
+        with reading(directory):  # never half of a publication
+            return self._record(directory)
 
     def put(
         self, fuser: Fuser, result: TrainResult, recipe: dict[str, Any], variant: str = "default", **extra: Any
@@ -253,35 +221,47 @@ class FuserHub:
         and add it to the index."""
         c = fuser.config
         directory = self.pair_dir(c.sender_name, c.receiver_name, variant)
+        record = {**result.to_dict(), "recipe": recipe}
         staging = staging_dir(directory)
         try:
             fuser.save_pretrained(staging)
-            (staging / TRAIN_FILE).write_text(json.dumps({**result.to_dict(), "recipe": recipe}, indent=2) + "\n")
+            (staging / TRAIN_FILE).write_text(json.dumps(record, indent=2) + "\n")
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)  # nothing half-written stays behind
             raise
-        tail = result.losses[-max(1, len(result.losses) // 10) :]
+
+        def index_it() -> None:
+            self._index_entry(fuser, record, variant, **extra)
+
+        def other_recipe(old: Path) -> bool:  # a fuser of another recipe is kept aside, not deleted
+            try:
+                return json.loads((old / TRAIN_FILE).read_text()).get("recipe") != as_json(recipe)
+            except (OSError, ValueError, AttributeError):
+                return True
+
+        publish(staging, directory, then=index_it, keep=other_recipe)  # weights and index entry change together
+        return directory
+
+    def _index_entry(self, fuser: Fuser, record: dict[str, Any], variant: str, **extra: Any) -> None:
+        """Write a stored fuser's index entry from the fuser and its training record."""
+        c, losses = fuser.config, record.get("losses") or [float("nan")]
+        tail = losses[-max(1, len(losses) // 10) :]
         entry = {
             "sender": c.sender_name,
             "receiver": c.receiver_name,
             "variant": variant,
-            "path": str(directory.relative_to(self.root)),
+            "path": str(self.pair_dir(c.sender_name, c.receiver_name, variant).relative_to(self.root)),
             "parameters": fuser.num_parameters(),
             "layer_map": c.layer_map_kind,
             "aligner": c.aligner,
             "hidden": c.hidden,
             "final_loss": sum(tail) / len(tail),
-            "steps": result.steps,
-            "recipe": recipe,
+            "steps": record.get("steps"),
+            "recipe": record.get("recipe"),
             **extra,
         }
-
-        def index_it() -> None:
-            with self._updating_index() as index:
-                index[self.key(c.sender_name, c.receiver_name, variant)] = entry
-
-        publish(staging, directory, then=index_it)  # weights and index entry change together
-        return directory
+        with self._updating_index() as index:
+            index[self.key(c.sender_name, c.receiver_name, variant)] = entry
 
     def annotate(self, sender: str, receiver: str, variant: str = "default", **fields: Any) -> None:
         """Add fields (e.g. ``heldout_gain``) to a stored fuser's index entry."""
@@ -317,9 +297,13 @@ class FuserHub:
         wanted = self.recipe_for(receiver, sender, records, train_config, kind, **fuser_options)
         directory = self.pair_dir(sender.name, receiver.name, variant)
         with locked(lock_path(directory, "train")):  # one trainer of a pair; the next one reuses its fuser
-            if self.has(sender.name, receiver.name, variant, wanted):
+            key = self.key(sender.name, receiver.name, variant)
+            if directory.exists():
                 try:
-                    return self.get(sender, receiver, variant), self.training(sender.name, receiver.name, variant)
+                    if (stored := self._load(sender, receiver, variant, wanted)) is not None:
+                        if self.index().get(key, {}).get("recipe") != stored[1]["recipe"]:  # a writer died before
+                            self._index_entry(stored[0], stored[1], variant)  # its index update: redo it
+                        return stored
                 except FuserLoadError as err:  # corrupt or incomplete: set aside, train again
                     quarantine(directory, f"{type(err).__name__}: {err}")
             torch.manual_seed(train_config.seed)  # the fuser's initial weights are part of the recipe
@@ -328,10 +312,12 @@ class FuserHub:
                 receiver, sender, fuser, records, replace(train_config, loss_curve_path=None), aligner=config.aligner
             )
             self.put(fuser.eval(), result, wanted, variant)
-            return self.get(sender, receiver, variant), self.training(sender.name, receiver.name, variant)
+            stored = self._load(sender, receiver, variant, wanted)
+            assert stored is not None  # just published, under this pair's training lock
+            return stored
 
-    @staticmethod
     def recipe_for(
+        self,
         receiver,
         sender,
         records: Sequence[Record],
@@ -342,7 +328,7 @@ class FuserHub:
         """The recipe a fuser of this pair, kind, options, settings, data and models is stored under."""
         config = FuserConfig.for_pair(receiver, sender, kind=kind, **fuser_options)
         models = {"receiver": receiver.fingerprint, "sender": sender.fingerprint}
-        return recipe(config, train_config or TrainConfig(), records_hash(records), models)
+        return recipe(config, train_config or TrainConfig(), records_hash(records), models, self.world)
 
     def train_missing(
         self,
@@ -390,6 +376,7 @@ class FuserHub:
                     list(records),
                     train_config,
                     None if cache_dir is None else str(cache_dir),
+                    self.world,
                 )
                 for j in missing
             ]
@@ -429,13 +416,14 @@ def _train_job(
     records: list[Record],
     train_config: TrainConfig | None,
     cache_dir: str | None,
+    world: str | None = None,
 ) -> str:
     """One :meth:`FuserHub.train_missing` job in a worker process (one torch thread)."""
     from .models import load_model
 
     torch.set_num_threads(1)
     receiver, sender = load_model(receiver_spec, cache_dir), load_model(sender_spec, cache_dir)
-    FuserHub(root).get_or_train(
+    FuserHub(root, world).get_or_train(
         receiver, sender, records, variant=job.variant, train_config=train_config, kind=job.kind, **job.options
     )
     return FuserHub.key(job.sender, job.receiver, job.variant)

@@ -7,8 +7,10 @@ test = study.mcq("test")                    # OpenBookQA-schema items
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import itertools
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -134,11 +136,26 @@ class Study:
 
         return default_variant(self.fusion)
 
+    @property
+    def world_fingerprint(self) -> str | None:
+        """The world the models and data come from: ``v<version>-seed<seed>-<config hash>`` for
+        the mini world, ``task-seed<seed>-<hash of the task: block>`` for a private-context task,
+        else None. Part of every fuser recipe of :meth:`hub`, so fusers of one world config are
+        never reused for another."""
+        if self.world is not None:
+            m = self.world.manifest
+            return f"v{m['world_version']}-seed{m['seed']}-{m['config_hash']}"
+        if task := self.settings.get("task"):
+            digest = hashlib.sha256(json.dumps(task, sort_keys=True, default=str).encode()).hexdigest()[:10]
+            return f"task-seed{self.seed}-{digest}"
+        return None
+
     def hub(self):
-        """This profile's and seed's fuser hub (``data/<profile>/<seed>/fusers``)."""
+        """This profile's and seed's fuser hub (``data/<profile>/<seed>/fusers``); its recipes
+        include :attr:`world_fingerprint`."""
         from .hub import FuserHub
 
-        return FuserHub(self.artefact_dir("fusers"))
+        return FuserHub(self.artefact_dir("fusers"), world=self.world_fingerprint)
 
     def train_fusers(self, jobs, records: list[list[dict]], train_config=None) -> list[str]:
         """Train the fusers of ``jobs`` (``hub.FuserJob``) missing from this study's hub, the

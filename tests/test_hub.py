@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from fedrefine_lib.fuser import FuserLoadError, MissingFuserFileError
 from fedrefine_lib.hub import FuserHub, FuserJob, MissingFuserError
 from fedrefine_lib.models import LoadedModel, ModelSpec, load_model
 from fedrefine_lib.train import TrainConfig
@@ -172,77 +173,234 @@ def test_a_staging_directory_left_by_a_killed_writer_is_never_read(tmp_path, pai
     assert hub.get(sender, receiver).config.hidden == 8
 
 
-def _train_same_pair(root: str, specs: dict, hidden: int, out: str) -> None:
-    """A process that trains (or reuses) F_{tiny-llama -> tiny-qwen3} and writes its weights' digest."""
+def _cut(path: Path) -> None:
+    text = path.read_text()
+    path.write_text(text[: len(text) // 2])
+
+
+def test_truncated_hub_files_name_the_file_the_cause_and_the_fix(tmp_path, pair):
+    """A truncated index.json, fuser_config.json or train.json read through the hub gives an
+    error naming the file, why it cannot be read and what to do (no raw JSONDecodeError); the
+    corrupt pair is then moved aside and retrained by get_or_train, the index listed again."""
+    receiver, sender = pair
+    hub = FuserHub(tmp_path / "hub")
+    cfg = TrainConfig(lr=1e-2, max_steps=1, batch_size=3, progress=False)
+    fuser, _ = hub.get_or_train(receiver, sender, RECORDS, train_config=cfg, hidden=8)
+    directory = hub.pair_dir(sender.name, receiver.name)
+    index = hub.root / "index.json"
+    _cut(index)
+    for call in (
+        lambda: hub.get(sender, receiver),
+        lambda: hub.has(sender.name, receiver.name),
+        lambda: hub.get_or_train(receiver, sender, RECORDS, train_config=cfg, hidden=8),
+    ):
+        with pytest.raises(ValueError, match=r"hub index .*index.json is not valid JSON .*Move it aside"):
+            call()
+    index.rename(tmp_path / "index.json.bad")  # the fix the error names: nothing is retrained
+    again, _ = hub.get_or_train(receiver, sender, RECORDS, train_config=cfg, hidden=8)
+    assert hub.get(sender, receiver).config.hidden == 8 and not list(directory.parent.glob(".default.*-*"))
+    for name in ("fuser_config.json", "train.json"):
+        _cut(directory / name)
+        with pytest.raises(
+            FuserLoadError, match=rf"Corrupt .*{name}: not valid JSON .*interrupted write.*get_or_train"
+        ):
+            hub.get(sender, receiver)
+        with pytest.warns(UserWarning, match=rf"could not be used .*{name}.*moved aside"):
+            again, _ = hub.get_or_train(receiver, sender, RECORDS, train_config=cfg, hidden=8)
+        assert all(torch.equal(a, b) for a, b in zip(fuser.state_dict().values(), again.state_dict().values()))
+    (directory / "train.json").unlink()
+    with pytest.raises(MissingFuserFileError, match=r"train.json is missing.*index lists this pair.*get_or_train"):
+        hub.get(sender, receiver)
+    assert not hub.has(sender.name, receiver.name)
+
+
+def test_the_recipe_fingerprints_the_world_config(tmp_path, pair):
+    """Fusers of one world config are not reused for another sharing the hub folder; the fuser
+    of the other recipe is kept aside, not deleted. A study's hub carries its world's fingerprint."""
+    from types import SimpleNamespace
+
+    from fedrefine_lib.study import Study
+
+    receiver, sender = pair
+    cfg = TrainConfig(lr=1e-2, max_steps=1, batch_size=3, progress=False)
+    one, other = FuserHub(tmp_path / "hub", world="v12-seed0-aaaa"), FuserHub(tmp_path / "hub", world="v12-seed0-bbbb")
+    one.get_or_train(receiver, sender, RECORDS, train_config=cfg, hidden=8)
+    assert one.training(sender.name, receiver.name)["recipe"]["world"] == "v12-seed0-aaaa"
+    assert one.has(sender.name, receiver.name, recipe=one.recipe_for(receiver, sender, RECORDS, cfg, hidden=8))
+    assert not other.has(sender.name, receiver.name, recipe=other.recipe_for(receiver, sender, RECORDS, cfg, hidden=8))
+    with pytest.warns(UserWarning, match="was replaced; the previous version is kept at .*replaced-"):
+        other.get_or_train(receiver, sender, RECORDS, train_config=cfg, hidden=8)
+    kept = list(one.pair_dir(sender.name, receiver.name).parent.glob(".default.replaced-*"))
+    assert len(kept) == 1 and json.loads((kept[0] / "train.json").read_text())["recipe"]["world"] == "v12-seed0-aaaa"
+    world = SimpleNamespace(manifest={"world_version": 12, "seed": 0, "config_hash": "abc123"})
+    study = Study(SimpleNamespace(name="mini", settings={}), 0, tmp_path / "data", tmp_path / "results", world)
+    assert study.world_fingerprint == "v12-seed0-abc123" and study.hub().world == "v12-seed0-abc123"
+    tasks = [SimpleNamespace(name="smol", settings={"task": {"kind": "context", "people": n}}) for n in (8, 9)]
+    prints = [Study(t, 1, tmp_path / "data", tmp_path / "results").world_fingerprint for t in tasks]
+    assert prints[0].startswith("task-seed1-") and prints[0] != prints[1]
+    assert Study(SimpleNamespace(name="paper", settings={}), 0, tmp_path, tmp_path).hub().world is None
+
+
+def test_weights_under_another_recipe_are_refused_and_retrained(tmp_path, pair):
+    """A pair whose weights are one run's and whose train.json is another's is never served."""
+    receiver, sender = pair
+    hub = FuserHub(tmp_path / "hub")
+    cfg = TrainConfig(lr=1e-2, max_steps=1, batch_size=3, progress=False)
+    hub.get_or_train(receiver, sender, RECORDS, train_config=cfg, hidden=8)
+    path = hub.pair_dir(sender.name, receiver.name) / "train.json"
+    record = json.loads(path.read_text())
+    record["recipe"] = hub.recipe_for(receiver, sender, RECORDS, cfg, hidden=16)
+    path.write_text(json.dumps(record))
+    with pytest.raises(FuserLoadError, match="config differs from the recipe in its train.json"):
+        hub.get(sender, receiver)
+    with pytest.warns(UserWarning, match="could not be used.*moved aside"):
+        fuser, _ = hub.get_or_train(receiver, sender, RECORDS, train_config=cfg, hidden=16)
+    assert fuser.config.hidden == 16 == hub.get(sender, receiver).config.hidden
+
+
+def test_leftovers_of_killed_writers_are_swept_or_put_back(tmp_path, monkeypatch):
+    """The next publisher removes a dead writer's staging directory and puts back the version a
+    writer killed between its two renames had moved away (then replaces it as asked); another
+    item's leftovers and live writers' directories are left alone."""
+    import subprocess
+    import sys
+
+    from fedrefine_lib import store
+
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True).stdout)
+    target = tmp_path / "default"
+    moved_away = tmp_path / f".default.old-{dead}-0123abcd"
+    half = tmp_path / f".default.staging-{dead}-89abcdef"
+    other_item = tmp_path / f".default.v2.old-{dead}-00000000"
+    for path, text in ((moved_away, "1"), (half, "half"), (other_item, "x")):
+        path.mkdir()
+        (path / "v").write_text(text)
+    store.recover(target)  # what a reader does when it finds the item missing
+    assert (target / "v").read_text() == "1" and not moved_away.exists() and not half.exists() and other_item.exists()
+    for exchange in (True, False):  # one atomic exchange, or two renames where the system has none
+        if not exchange:
+            monkeypatch.setattr(store, "_exchange", lambda a, b: False)
+        new = store.staging_dir(target)
+        (new / "v").write_text(str(exchange))
+        seen = []
+        with pytest.warns(UserWarning, match="previous version is kept"):
+            store.publish(new, target, then=lambda: seen.append((target / "v").read_text()), keep=lambda old: True)
+        assert seen == [str(exchange)] and (target / "v").read_text() == str(exchange)
+    kept = sorted((p / "v").read_text() for p in tmp_path.glob(".default.replaced-*"))
+    assert kept == ["1", "True"] and not list(tmp_path.glob(".default.staging-*")) + list(
+        tmp_path.glob(".default.old-*")
+    )
+
+
+CONCURRENT_CFG = TrainConfig(lr=1e-2, max_steps=2, batch_size=3, progress=False)
+
+
+def _digest(fuser) -> str:
     import hashlib
 
-    from fedrefine_lib.hub import FuserHub
-    from fedrefine_lib.models import load_model
-    from fedrefine_lib.train import TrainConfig
-
-    torch.set_num_threads(1)
-    r, s = load_model(specs["tiny-qwen3"]), load_model(specs["tiny-llama"])
-    cfg = TrainConfig(lr=1e-2, max_steps=3, batch_size=3, progress=False)
-    fuser, record = FuserHub(root).get_or_train(r, s, RECORDS, train_config=cfg, hidden=hidden)
-    digest = hashlib.sha256(b"".join(t.numpy().tobytes() for t in fuser.state_dict().values())).hexdigest()
-    Path(out).write_text(json.dumps({"digest": digest, "recipe": record["recipe"]}))
+    return hashlib.sha256(b"".join(t.numpy().tobytes() for t in fuser.state_dict().values())).hexdigest()
 
 
-def _read_while_published(root: str, specs: dict, seconds: float, out: str) -> None:
-    """A process that loads the pair again and again while trainers publish; counts failures."""
-    import time
+def _train_or_die(root: str, pair, hidden: int, die_at: str | None, out: str) -> None:
+    """A process (forked) that trains or reuses F_{tiny-llama -> tiny-qwen3} with ``hidden`` and
+    records what it got; with ``die_at`` it is killed (SIGKILL) mid-publication instead: with
+    half its weights written, between its two renames, or before its index update."""
+    import os
+    import signal
 
-    from fedrefine_lib.hub import FuserHub
-    from fedrefine_lib.models import load_model
+    from fedrefine_lib import hub as hublib
+    from fedrefine_lib import safe_io, store
 
-    torch.set_num_threads(1)
-    r, s = load_model(specs["tiny-qwen3"]), load_model(specs["tiny-llama"])
-    hub, reads, failures, end = FuserHub(root), 0, [], time.time() + seconds
-    while time.time() < end:
-        if hub.has("tiny-llama", "tiny-qwen3"):
-            try:
-                hub.get(s, r)
+    def die(*_args, **_kwargs):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    if die_at == "weights":
+        real_save = safe_io.save_file
+
+        def half_then_die(state, path, metadata=None):
+            real_save(state, path, metadata=metadata)
+            Path(path).write_bytes(Path(path).read_bytes()[: Path(path).stat().st_size // 2])
+            die()
+
+        safe_io.save_file = half_then_die
+    elif die_at == "renames":
+        store._exchange = lambda a, b: False  # two renames: die after the first
+        real_rename = os.rename
+
+        def rename_then_die(a, b):
+            real_rename(a, b)
+            die()
+
+        store.os.rename = rename_then_die
+    elif die_at == "index":
+        hublib.os.replace = die
+    receiver, sender = pair
+    fuser, record = FuserHub(root).get_or_train(receiver, sender, RECORDS, train_config=CONCURRENT_CFG, hidden=hidden)
+    Path(out).write_text(json.dumps({"digest": _digest(fuser), "hidden": fuser.config.hidden}))
+
+
+def _read_until(root: str, pair, stop, expected: dict, out: str) -> None:
+    """A process (forked) that loads the pair again and again until ``stop`` is set, checking
+    each fuser served against the weights its recipe makes; counts failures."""
+    receiver, sender = pair
+    hub, reads, failures = FuserHub(root), 0, []
+    while not stop.is_set() or reads == 0:
+        try:
+            if hub.has(sender.name, receiver.name):
+                fuser = hub.get(sender, receiver)
                 reads += 1
-            except Exception as err:  # any failure is a hub a reader saw half-written
-                failures.append(repr(err))
+                if _digest(fuser) != expected[fuser.config.hidden]:
+                    failures.append(f"hidden {fuser.config.hidden}: weights of another recipe")
+        except Exception as err:  # any failure is a hub a reader saw half-written
+            failures.append(repr(err))
     Path(out).write_text(json.dumps({"reads": reads, "failures": failures}))
 
 
 @pytest.mark.slow
-def test_concurrent_trainers_of_one_pair_leave_a_consistent_hub(tmp_path, pair):
-    """Processes training the same pair at once (two recipes, racing) never corrupt the hub: a
-    reader loading the pair throughout never fails, and afterwards the stored fuser loads
-    strictly, its index entry names the recipe in its own train.json, and no staging or old
-    directory is left."""
+def test_concurrent_and_killed_writers_never_corrupt_the_hub(tmp_path, pair):
+    """Rounds of processes training the same pair at once (two recipes racing) while another
+    writer is killed mid-publication (half-written weights, between renames, before its index
+    update) and a reader loads the pair throughout: the reader never fails and every fuser it
+    gets has the weights its recipe makes; after each round the pair loads strictly, its index
+    entry names the recipe in its own train.json, and dead writers' leftovers are gone after
+    the next publication."""
     import multiprocessing as mp
 
-    specs = {}
-    for m in pair:
-        m.model.save_pretrained(tmp_path / m.name)
-        m.tokenizer.save_pretrained(tmp_path / m.name)
-        specs[m.name] = ModelSpec(m.name, str(tmp_path / m.name))
-    ctx = mp.get_context("spawn")
-    for round_ in range(2):
-        root, outs = tmp_path / f"hub{round_}", []
-        procs = []
-        for i, hidden in enumerate((8, 8, 16)):
-            outs.append(tmp_path / f"out{round_}-{i}.json")
-            procs.append(ctx.Process(target=_train_same_pair, args=(str(root), specs, hidden, str(outs[-1]))))
-        reader = tmp_path / f"reader{round_}.json"
-        procs.append(ctx.Process(target=_read_while_published, args=(str(root), specs, 25.0, str(reader))))
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join(120)
-            assert p.exitcode == 0
-        results = [json.loads(o.read_text()) for o in outs]
-        read = json.loads(reader.read_text())
+    ctx = mp.get_context("fork")  # the tiny models are already loaded: rounds start at once
+    expected = {}
+    for hidden in (8, 12, 16):
+        fuser, _ = FuserHub(tmp_path / f"reference{hidden}").get_or_train(
+            *pair, RECORDS, train_config=CONCURRENT_CFG, hidden=hidden
+        )
+        expected[hidden] = _digest(fuser)
+    root = tmp_path / "hub"
+    for round_, die_at in enumerate(("weights", "index", "renames") * 2):
+        stop, outs = ctx.Event(), [tmp_path / f"out{round_}-{i}.json" for i in range(4)]
+        reader = ctx.Process(target=_read_until, args=(str(root), pair, stop, expected, str(outs[3])))
+        reader.start()
+        writers = [
+            ctx.Process(target=_train_or_die, args=(str(root), pair, hidden, where, str(out)))
+            for hidden, where, out in zip((12, 8, 16), (die_at, None, None), outs)
+        ]
+        for w in writers:
+            w.start()
+        for w in writers:
+            w.join(120)
+        stop.set()
+        reader.join(120)
+        assert writers[0].exitcode == -9 and [w.exitcode for w in writers[1:]] == [0, 0] and reader.exitcode == 0
+        read = json.loads(outs[3].read_text())
         assert read["failures"] == [] and read["reads"] > 0, read
-        assert results[0]["digest"] == results[1]["digest"]  # the same recipe gives the same fuser
+        for out in outs[1:3]:
+            got = json.loads(out.read_text())
+            assert got["digest"] == expected[got["hidden"]]
         hub = FuserHub(root)
-        r, s = load_model(specs["tiny-qwen3"]), load_model(specs["tiny-llama"])
+        served = hub.get(*reversed(pair))
         stored = hub.training("tiny-llama", "tiny-qwen3")
+        assert _digest(served) == expected[served.config.hidden] == expected[stored["recipe"]["fuser"]["hidden"]]
+        if hub.index()["tiny-llama->tiny-qwen3/default"]["recipe"] != stored["recipe"]:  # the killed writer's
+            hub.get_or_train(*pair, RECORDS, train_config=CONCURRENT_CFG, hidden=served.config.hidden)  # is redone
         assert hub.index()["tiny-llama->tiny-qwen3/default"]["recipe"] == stored["recipe"]
-        hidden = stored["recipe"]["fuser"]["hidden"]
-        assert hub.get(s, r).config.hidden == hidden
-        assert not list(root.rglob(".*staging-*")) and not list(root.rglob(".*old-*"))
+    with pytest.warns(UserWarning, match="previous version is kept"):  # one more publication sweeps
+        hub.get_or_train(*pair, RECORDS, train_config=CONCURRENT_CFG, hidden=24)
+    assert not list(root.rglob(".*staging-*")) and not list(root.rglob(".*old-*"))
