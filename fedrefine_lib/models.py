@@ -258,17 +258,30 @@ class Profile:
         return self.models[name]
 
 
-def load_profile(profile: str | Path, **fmt: str) -> Profile:
-    """Read ``configs/<profile>.yaml`` (or a path) into a :class:`Profile`.
-
-    ``fmt`` fills ``{placeholders}`` in model sources, e.g. ``world="data/mini/0"``.
-    """
+def profile_path(profile: str | Path) -> Path:
+    """``configs/<profile>.yaml``, or ``profile`` itself when it is a path to a YAML file
+    (FileNotFoundError naming the known profiles otherwise)."""
     path = Path(profile)
     if not path.suffix:
         path = CONFIG_DIR / f"{profile}.yaml"
     if not path.is_file():
         known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
         raise FileNotFoundError(f"No profile config {path}. Known profiles: {known}.")
+    return path
+
+
+def profile_models(profile: str | Path) -> list[str]:
+    """The model names a profile defines under ``models:``, read without resolving any source."""
+    raw = yaml.safe_load(profile_path(profile).read_text()) or {}
+    return sorted(raw.get("models") or {})
+
+
+def load_profile(profile: str | Path, **fmt: str) -> Profile:
+    """Read ``configs/<profile>.yaml`` (or a path) into a :class:`Profile`.
+
+    ``fmt`` fills ``{placeholders}`` in model sources, e.g. ``world="data/mini/0"``.
+    """
+    path = profile_path(profile)
     raw = yaml.safe_load(path.read_text())
     for key in ("profile", "receiver", "senders", "models"):
         if key not in raw:

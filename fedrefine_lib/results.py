@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .models import REPO_ROOT
+from .models import REPO_ROOT, profile_models
 from .stats import Difference, Estimate, gap_closed
 
 NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
@@ -100,8 +100,9 @@ PARAMETER_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
 
 
 def check_parameters(notebook: str, params: Mapping[str, Any]) -> None:
-    """Refuse, before any work, a parameter outside what :data:`PARAMETER_RULES` allows, and a
-    model pair of one model with itself; the error names the parameter, value and fix."""
+    """Refuse, before any work, a parameter outside what :data:`PARAMETER_RULES` allows, a model
+    pair of one model with itself, an unknown profile and a model the profile does not define
+    (:data:`MODEL_PARAMETERS`); the error names the parameter, value and fix."""
     for name, value in params.items():
         if name in PARAMETER_RULES and not PARAMETER_RULES[name][0](value):
             raise ValueError(f"{notebook}: parameter {name}={value!r} is not allowed; use {PARAMETER_RULES[name][1]}.")
@@ -109,6 +110,35 @@ def check_parameters(notebook: str, params: Mapping[str, Any]) -> None:
         if params.get(first) is not None and params.get(first) == params.get(second):
             raise ValueError(
                 f"{notebook}: {first} and {second} are both {params[first]!r}; a pair needs two different models."
+            )
+    if "profile" in params:
+        _check_model_names(notebook, params)
+
+
+MODEL_PARAMETERS = ("receiver_name", "sender_name", "model_a", "model_b", "homogeneous_pair")
+"""Parameters naming models of the profile (``homogeneous_pair``: a list of two, sender and receiver)."""
+
+
+def _check_model_names(notebook: str, params: Mapping[str, Any]) -> None:
+    """Refuse a profile that does not exist, and a model parameter naming a model the profile
+    does not define, naming the parameter, the value and the profile's models."""
+    profile = params["profile"]
+    try:
+        known = profile_models(profile)
+    except FileNotFoundError as err:
+        raise ValueError(f"{notebook}: parameter profile={profile!r} is not allowed: {err}") from err
+    for name in MODEL_PARAMETERS:
+        value = params.get(name)
+        if value is None:
+            continue
+        many = name == "homogeneous_pair"
+        values = list(value) if many and isinstance(value, (list, tuple)) else [value]
+        if many and (len(values) != 2 or values[0] == values[1]):
+            raise ValueError(f"{notebook}: parameter {name}={value!r} is not allowed; use two different model names.")
+        if unknown := [v for v in values if not isinstance(v, str) or v not in known]:
+            raise ValueError(
+                f"{notebook}: parameter {name}={value!r} names {unknown}, not a model of profile {profile!r}; use "
+                f"one of {known}" + (" (or None: the profile's choice)." if not many else ".")
             )
 
 

@@ -189,6 +189,13 @@ def _parameter_defaults(notebook: str) -> dict:
         ("04_case_study", "rtt_ms", float("nan"), "rtt_ms=nan"),
         ("01_c2c", "sender_name", "mini-qwen3-0.6b", "receiver_name and sender_name are both"),
         ("02_co_c2c", "model_b", "x", "model_a and model_b are both"),
+        ("01_c2c", "train_epochs", 0, "train_epochs=0"),
+        ("01_c2c", "profile", "minii", r"profile='minii' is not allowed: No profile config .*Known profiles: .*'mini'"),
+        ("01_c2c", "receiver_name", "mini-qwen3-06b", r"receiver_name='mini-qwen3-06b' names .*not a model of profile"),
+        ("01_c2c", "receiver_name", "Qwen/Qwen3-0.6B", r"receiver_name=.* not a model of profile 'mini'"),
+        ("02_co_c2c", "model_a", "mini-llama", r"model_a='mini-llama' names \['mini-llama'\].*mini-llama3.2-1b"),
+        ("04_case_study", "homogeneous_pair", ["mini-qwen2.5-0.5b"] * 2, "homogeneous_pair=.*two different"),
+        ("04_case_study", "homogeneous_pair", ["mini-qwen2.5-coder-0.5b", "qwen"], r"names \['qwen'\]"),
     ],
 )
 def test_bad_notebook_parameters_are_refused_before_any_work(notebook, name, value, message):
