@@ -162,6 +162,7 @@ def build_split(rng: random.Random, split: str, names: list[str], config: Contex
                 "domain": rel,
                 "entity": person,
                 "private_context": " ".join(RELATIONS[r].statement.format(e=p, v=v) for p, r, v in lines),
+                "cloze_prefix": relation.statement.split("{v}")[0].format(e=person).strip(),
             }
         )
     return items
@@ -183,12 +184,14 @@ def build_task(seed: int, config: ContextTaskConfig | None = None) -> dict[str, 
 
 
 def chat_records(items: list[dict]) -> list[dict]:
-    """Training records (OpenHermes schema): the records, the question with options, the answer."""
-    return [
-        data.to_chat_record(data.mcq_messages(it) + [{"role": "assistant", "content": data.answer_text(it)}],
-                            kind="mcq", domain=it["domain"])
-        for it in items
-    ]  # fmt: skip
+    """Training records (OpenHermes schema): the records, the question without options, and
+    the answer as the whole sentence (``"Talvi Orsek lives in Lisbon."``), what cloze scoring
+    (``evaluate``'s ``"cloze"``) reads."""
+    rows = []
+    for it in items:
+        answer = {"role": "assistant", "content": f"{it['cloze_prefix']} {data.answer_text(it)}."}
+        rows.append(data.to_chat_record(data.question_messages(it) + [answer], kind="question", domain=it["domain"]))
+    return rows
 
 
 def write_task(root: str | Path, seed: int, config: ContextTaskConfig | None = None) -> dict[str, Path]:

@@ -197,6 +197,15 @@ def mcq_messages(item: dict, context: str | None = None) -> list[dict]:
     return _private(item.get("private_context")) + [{"role": "user", "content": body}]
 
 
+def question_messages(item: dict, context: str | None = None) -> list[dict]:
+    """The user turn asking an item's question without its options (cloze scoring, free
+    answers), optionally after a context note, after its ``private_context`` if any."""
+    body = f"Question: {item['question_stem']}"
+    if context:
+        body = f"{context}\n{body}"
+    return _private(item.get("private_context")) + [{"role": "user", "content": body}]
+
+
 def _private(note: str | None) -> list[dict]:
     return [{"role": CONTEXT_ROLE, "content": note}] if note else []
 

@@ -92,7 +92,7 @@ def prefill(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: tor
         per layer ``[B, H, S, D]``.
     """
     with torch.no_grad():
-        _, cache = kvlib.forward(model, input_ids, attention_mask, DynamicCache())
+        _, cache = kvlib.forward(model, input_ids, attention_mask, DynamicCache(), logits_to_keep=1)  # cache only
     out = KVCache.from_cache(cache)
     out.sliding = [bool(w) for w in kvlib.sliding_windows(model.config)]
     return out

@@ -12,6 +12,11 @@ Items follow the OpenBookQA schema: ``id``, ``question_stem``, ``choices{text, l
 - ``"loglik_norm"`` (the harness's ``acc_norm``): the same sum divided by the option text's
   length in characters, so long options are not penalised for their length (real small
   models, whose option priors differ by length).
+- ``"cloze"`` (for small real models, which do not follow listed options): the question
+  without options (:func:`cloze_messages`), each option scored as the end of an answer
+  sentence, ``"<cloze_prefix> <option>"`` (the item's ``cloze_prefix`` field, e.g. "Talvi
+  Orsek lives in", else :data:`CLOZE_PREFIX`); the prefix is the same for every option of an
+  item, so it leaves the choice to the option's tokens.
 - ``"letter"``: logits of the option letters after a reference-style prompt (the same
   turn asking for the letter) whose assistant turn starts "The correct answer is".
 - ``"generate"``: greedy generation after that prompt, then answer extraction.
@@ -44,7 +49,8 @@ from fedrefine_lib.stats import (
 )
 from fedrefine_lib.trace import Trace
 
-METHODS = ("loglik", "loglik_norm", "letter", "generate")
+METHODS = ("loglik", "loglik_norm", "cloze", "letter", "generate")
+CLOZE_PREFIX = "The answer is"
 LETTER_PREFIX = "The correct answer is"
 LETTER_INSTRUCTION = "Answer with the letter of the correct option."
 
@@ -161,6 +167,17 @@ class McqResult:
 def question_messages(item: dict, context: str | None = None) -> list[dict[str, str]]:
     """The log-likelihood prompt: the question with its options (``data.mcq_messages``)."""
     return data.mcq_messages(item, context)
+
+
+def cloze_messages(item: dict, context: str | None = None) -> list[dict[str, str]]:
+    """The cloze prompt: the question without its options (``data.question_messages``)."""
+    return data.question_messages(item, context)
+
+
+def cloze_continuations(item: dict) -> list[str]:
+    """Each option as the end of the item's answer sentence (see ``"cloze"`` above)."""
+    prefix = item.get("cloze_prefix") or CLOZE_PREFIX
+    return [f"{prefix} {text}" for text in item["choices"]["text"]]
 
 
 def letter_messages(item: dict, context: str | None = None) -> list[dict[str, str]]:
@@ -295,6 +312,13 @@ def score_mcq(
             )
             if method == "loglik_norm":
                 scores = [[v / len(t) for v, t in zip(row, ts)] for row, ts in zip(scores, texts)]
+            preds = [_argmax_label(l, s) for l, s in zip(labels, scores)]
+        elif method == "cloze":
+            scores, trace = continuation_logliks(
+                engine,
+                [cloze_messages(it, c) for it, c in zip(batch, notes)],
+                [cloze_continuations(it) for it in batch],
+            )
             preds = [_argmax_label(l, s) for l, s in zip(labels, scores)]
         elif method == "letter":
             pre = engine.prefill([letter_messages(it, c) for it, c in zip(batch, notes)], LETTER_PREFIX)

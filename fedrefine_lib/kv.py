@@ -267,6 +267,7 @@ def forward(
     cache: Cache | KVCache | None = None,
     prefix_mask: torch.Tensor | None = None,
     cache_bias: torch.Tensor | None = None,
+    logits_to_keep: int | None = None,
 ) -> tuple[torch.Tensor, Cache]:
     """One forward pass continuing ``cache`` (if any) with left-padding-aware positions: the
     one way this library runs a model on top of a cache.
@@ -281,8 +282,11 @@ def forward(
             tokens' positions do not count it. None: no prefix.
         cache_bias: ``[B, C]`` added to every new token's attention logits on the first ``C``
             cache columns (see :func:`biased_attention_mask`), or None.
+        logits_to_keep: compute the LM head on the last this many positions only (a prefill
+            that keeps just the cache: 1; a 262k-token vocabulary's head is most of a small
+            model's prefill); None: every position.
     Returns:
-        logits ``[B, new, vocab]`` and the updated transformers cache.
+        logits ``[B, new or logits_to_keep, vocab]`` and the updated transformers cache.
     """
     if isinstance(cache, KVCache):
         cache = cache.to_cache(model.config)
@@ -305,7 +309,8 @@ def forward(
     mask = attention_mask
     if cache_bias is not None:
         mask = _biased_masks(model, cache, attention_mask, input_ids.shape[1], cache_bias)
-    out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
+    head = {} if logits_to_keep is None else {"logits_to_keep": logits_to_keep}
+    out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True, **head)
     return out.logits, out.cache
 
 

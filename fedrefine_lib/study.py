@@ -252,6 +252,7 @@ def open_study(
     results_dir: str | Path | None = None,
     progress: bool = True,
     threads: int | None = 1,
+    task: dict[str, Any] | None = None,
 ) -> Study:
     """Open ``profile`` for ``seed``. For ``mini`` this builds (or loads) the world.
 
@@ -261,6 +262,8 @@ def open_study(
         results_dir: where metrics and figures go (default ``<repo>/results/<profile>``).
         threads: torch CPU threads (default 1: the tiny models gain nothing from more, and
             a fixed count keeps results bit-identical across machines); None leaves it.
+        task: options over the profile's ``task:`` block (e.g. ``{"distractors": 0}``; a
+            validation trial); the task is built under its own config hash.
     """
     if threads is not None:
         import torch
@@ -279,6 +282,10 @@ def open_study(
     if profile == "smol":
         fmt.update(_smol_weight_dirs(data_dir))
     loaded = load_profile(profile, **fmt)
+    if task:
+        if not loaded.settings.get("task"):
+            raise ValueError(f"task={task!r} given, but profile {loaded.name!r} has no `task:` block to override.")
+        loaded.settings["task"] = {**loaded.settings["task"], **task}
     if loaded.settings.get("task"):
         _attach_task(loaded, data_dir / loaded.name / str(seed), seed, smoke)
     return Study(loaded, seed, data_dir, results_dir, world)

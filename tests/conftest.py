@@ -140,3 +140,31 @@ def tiny_models(qwen_tokenizer, llama_tokenizer) -> dict:
 def loaded_models(tiny_models) -> dict[str, LoadedModel]:
     """name -> LoadedModel wrapping :func:`tiny_models` (named by architecture)."""
     return {name: LoadedModel(name, m, t) for name, (m, t) in tiny_models.items()}
+
+
+@pytest.fixture(scope="session")
+def real_class_profile(tiny_models, tmp_path_factory):
+    """A non-mini profile (YAML path) of tiny random models of the real classes saved to disk:
+    a Llama receiver with its chat template and a Gemma3 sender (sliding layers) whose
+    tokenizer has none, like the base Gemma-3-270M, on the private-context task."""
+    root = tmp_path_factory.mktemp("real-class-profile")
+    for name, key, template in (("tiny-llama", "llama", True), ("tiny-gemma3", "gemma3", False)):
+        model, tok = tiny_models[key]
+        model.save_pretrained(root / name)
+        saved = tok.__class__(tokenizer_object=tok.backend_tokenizer, pad_token=tok.pad_token, eos_token=tok.eos_token)
+        saved.chat_template = tok.chat_template if template else None
+        saved.save_pretrained(root / name)
+    (root / "tinyreal.yaml").write_text(
+        "profile: tinyreal\n"
+        "receiver: tiny-llama\n"
+        "senders: [tiny-gemma3]\n"
+        "models:\n"
+        f"  tiny-llama: {{source: '{root / 'tiny-llama'}'}}\n"
+        f"  tiny-gemma3: {{source: '{root / 'tiny-gemma3'}'}}\n"
+        "task: {kind: private_context, train: 24, val: 12, test: 12, distractors: 1}\n"
+        "scoring: cloze\n"
+        "fusion: concat\n"
+        "fuser: {hidden: 8, depth: 1, layer_map: depth}\n"
+        "train: {lr: 1.0e-3, epochs: 1, batch_size: 4, seed: 0}\n"
+    )
+    return root / "tinyreal.yaml"

@@ -126,3 +126,30 @@ def test_base_model_gets_the_plain_template(qwen_tokenizer):
     prompt, answer = prompts.split_record(tok, record)
     assert prompt == record[:1] and answer[-1] == tok.eos_token_id
     assert prompts.render(tok, prompt).text == "User: Fox?\nAssistant:\n"
+
+
+def test_cloze_scores_the_answer_sentence_without_options(loaded_models):
+    item = build_task(0, SMALL)["val"][2]
+    chat = evaluate.cloze_messages({**item, "private_context": None})
+    assert all(t not in chat[-1]["content"] for t in item["choices"]["text"])
+    assert evaluate.cloze_continuations(item) == [f"{item['cloze_prefix']} {t}" for t in item["choices"]["text"]]
+    assert evaluate.cloze_continuations({"choices": {"text": ["x"]}}) == [f"{evaluate.CLOZE_PREFIX} x"]
+    result = evaluate.score_mcq(loaded_models["qwen3"], [item], method="cloze", progress=False)
+    assert len(result.scores[0]) == len(item["choices"]["text"])
+
+
+def test_headroom_on_a_profile_of_real_model_classes(real_class_profile, tmp_path):
+    from fedrefine_lib.headroom import MIN_GAIN, measure_headroom
+    from fedrefine_lib.study import open_study
+
+    study = open_study(str(real_class_profile), 0, smoke=True, data_dir=tmp_path, results_dir=tmp_path / "r")
+    assert study.world is None and study.knows("tiny-gemma3") == list(RELATIONS) and study.knows("tiny-llama") == []
+    assert study.model("tiny-gemma3").tokenizer.chat_template == PLAIN_CHAT_TEMPLATE
+    report = measure_headroom(study, "val")
+    assert set(report["accuracy"]) == {"receiver alone", "oracle", "tiny-gemma3 with its context"}
+    assert report["items"] == 12 and report["chance"] == 0.25 and report["scoring"] == "cloze"
+    assert report["acceptance"]["min_gain"] == MIN_GAIN
+    assert report["acceptance"]["all"] == all(report["acceptance"]["holds"].values())
+    assert report["models"]["tiny-gemma3"]["chat_template"] == "plain (base model)"
+    notes = study.fact_notes(study.mcq("val"))
+    assert all(n.startswith("Note: ") and len(n) > 10 for n in notes)

@@ -208,3 +208,29 @@ def test_bad_notebook_parameters_are_refused_before_any_work(notebook, name, val
         params["model_a"] = value
     with pytest.raises(ValueError, match=message):
         notebook_params(notebook, params)
+
+
+@pytest.mark.slow
+def test_world_notebook_measures_a_profile_of_real_model_classes(real_class_profile, tmp_path):
+    """00 on a non-mini profile (tiny random Llama + Gemma3, the private-context task):
+    it measures the profile's own models, with no mini pretraining."""
+    import papermill
+
+    path = ROOT / "notebooks" / "00_world.ipynb"
+    papermill.execute_notebook(
+        str(path),
+        str(tmp_path / path.name),
+        cwd=str(path.parent),
+        kernel_name="python3",
+        parameters={"profile": str(real_class_profile), "seed": 0, "smoke": True,
+                    "results_dir": str(tmp_path / "results"), "data_dir": str(tmp_path / "data")},
+        progress_bar=False,
+    )  # fmt: skip
+    metrics = json.loads((tmp_path / "results" / "world.json").read_text())
+    assert set(metrics["models"]) == {"tiny-llama", "tiny-gemma3"}
+    assert metrics["models"]["tiny-gemma3"]["architecture"] == "Gemma3ForCausalLM"
+    for name in ("receiver alone", "oracle", "tiny-gemma3 with its context"):
+        assert _accuracy_ok(metrics["accuracy"][name]["all"])
+    assert isinstance(metrics["acceptance"]["all"], bool) and metrics["split"] == "test"
+    assert not (tmp_path / "data" / "mini").exists()  # no mini world was built
+    assert (tmp_path / "results" / "figures" / "headroom.png").is_file()
