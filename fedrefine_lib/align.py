@@ -28,7 +28,7 @@ from typing import Protocol
 import torch
 
 from fedrefine_lib.kv import KVCache
-from fedrefine_lib.prompts import Messages, Rendered, left_pad, pad_id, render
+from fedrefine_lib.prompts import Messages, Rendered, left_pad, pad_id, render, shared_view
 
 LAYER_MAPS = ("bottom_up", "top_down", "depth", "top")
 
@@ -390,9 +390,11 @@ def align_cache(sender: KVCache, sender_index: torch.Tensor, layers: list[int]) 
 
 def alignment_table(aligner: str | Aligner, messages: Messages, receiver_tokenizer, sender_tokenizer):
     """For one prompt: each receiver token and the sender token it fuses with ("-" where
-    the receiver keeps its own KV: template tokens). A pandas DataFrame, for reading."""
+    the receiver keeps its own KV: template tokens). A pandas DataFrame, for reading. Only
+    the shared text is aligned (``prompts.shared_view``: private context has no receiver token)."""
     import pandas as pd
 
+    messages = shared_view(messages)
     a = get_aligner(aligner, receiver_tokenizer, sender_tokenizer)([messages], receiver_tokenizer, sender_tokenizer)
     real = a.receiver_mask[0].bool()
     rows = []

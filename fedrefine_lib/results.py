@@ -243,11 +243,11 @@ def without_timings(metrics: dict[str, Any]) -> dict[str, Any]:
 
 
 def summarize(result, focus: list[str] | None = None) -> dict[str, Any]:
-    """Accuracy of an ``evaluate.McqResult`` overall, on the ``focus`` domains, and per domain
-    (cluster-bootstrap intervals over entities)."""
+    """Accuracy of an ``evaluate.McqResult`` overall, on the ``focus`` domains (``"focus"``;
+    every item when ``focus`` is empty or None: nothing says where a sender can help), and per
+    domain (cluster-bootstrap intervals over entities)."""
     out = {"all": result.accuracy(), "by_domain": result.accuracy_by("domain")}
-    if focus:
-        out["focus"] = result.where(focus).accuracy()
+    out["focus"] = result.where(focus).accuracy() if focus else out["all"]
     return out
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .context_task import KIND, RELATIONS, ContextTaskConfig, write_task
+from .engine import Standalone
 from .models import REPO_ROOT, LoadedModel, Profile, load_model, load_profile
 
 
@@ -51,6 +52,12 @@ class Study:
         if name not in self._models:
             self._models[name] = load_model(self.profile.spec(name), cache_dir=self.data_dir / "converted")
         return self._models[name]
+
+    @staticmethod
+    def on_device(model) -> Standalone:
+        """``model`` alone on its own device, reading the private context the chats hold
+        there (``engine.Standalone(holds_context=True)``): a sender answering by itself."""
+        return Standalone(model, holds_context=True)
 
     def largest_sender(self) -> str:
         """The sender with the most parameters (loads the senders)."""
@@ -119,6 +126,15 @@ class Study:
         as ``hidden``), with overrides (None ignored)."""
         return {**self.settings.get("gate", {}), **_given(overrides)}
 
+    def ablations(self, given: list[str] | None = None) -> list[str]:
+        """01's ablations (``jobs.ABLATIONS``): ``given``, else the profile's ``ablations:``
+        (none where it names none: each costs a fuser training)."""
+        from .jobs import check_ablations
+
+        names = list(self.settings.get("ablations", [])) if given is None else list(given)
+        check_ablations(names)
+        return names
+
     @property
     def fusion(self) -> str:
         """The profile's fusion mode (``fusion:`` in its YAML): ``residual`` (C2C), ``concat`` or ``prefix``."""
@@ -176,11 +192,11 @@ class Study:
 
     def knows(self, name: str) -> list[str]:
         """Domains a model knows: the mini world's; for a private-context task (``task:``),
-        every domain for a sender (its device holds the records) and none for the receiver;
-        else an empty list."""
+        every domain (whichever model sends, its device holds the records; a receiver never
+        reads them); else an empty list (nothing says)."""
         if self.world is not None:
             return list(getattr(self.world, "knows", {}).get(name, []))
-        if self.settings.get("task") and name in self.senders:
+        if self.settings.get("task") and name in self.profile.models:
             return list(RELATIONS)
         return []
 

@@ -210,23 +210,35 @@ def test_bad_notebook_parameters_are_refused_before_any_work(notebook, name, val
         notebook_params(notebook, params)
 
 
-@pytest.mark.slow
-def test_world_notebook_measures_a_profile_of_real_model_classes(real_class_profile, tmp_path):
-    """00 on a non-mini profile (tiny random Llama + Gemma3, the private-context task):
-    it measures the profile's own models, with no mini pretraining."""
+def _run_on_real_classes(notebook: str, profile, root: Path, **extra) -> dict:
+    """Run ``notebook`` on the tiny real-class profile (one data dir for the session's runs)."""
     import papermill
 
-    path = ROOT / "notebooks" / "00_world.ipynb"
+    path = ROOT / "notebooks" / f"{notebook}.ipynb"
     papermill.execute_notebook(
         str(path),
-        str(tmp_path / path.name),
+        str(root / path.name),
         cwd=str(path.parent),
         kernel_name="python3",
-        parameters={"profile": str(real_class_profile), "seed": 0, "smoke": True,
-                    "results_dir": str(tmp_path / "results"), "data_dir": str(tmp_path / "data")},
+        parameters={"profile": str(profile), "seed": 0, "smoke": True, "results_dir": str(root / "results"),
+                    "data_dir": str(root / "data"), **extra},
         progress_bar=False,
     )  # fmt: skip
-    metrics = json.loads((tmp_path / "results" / "world.json").read_text())
+    metrics_name, _ = EXPECTED[notebook]
+    return json.loads((root / "results" / metrics_name).read_text())
+
+
+@pytest.fixture(scope="module")
+def real_class_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("real-class-runs")
+
+
+@pytest.mark.slow
+def test_world_notebook_measures_a_profile_of_real_model_classes(real_class_profile, real_class_root):
+    """00 on a non-mini profile (tiny random Llama + Gemma3, the private-context task):
+    it measures the profile's own models, with no mini pretraining."""
+    tmp_path = real_class_root
+    metrics = _run_on_real_classes("00_world", real_class_profile, tmp_path)
     assert set(metrics["models"]) == {"tiny-llama", "tiny-gemma3"}
     assert metrics["models"]["tiny-gemma3"]["architecture"] == "Gemma3ForCausalLM"
     for name in ("receiver alone", "oracle", "tiny-gemma3 with its context"):
@@ -234,3 +246,15 @@ def test_world_notebook_measures_a_profile_of_real_model_classes(real_class_prof
     assert isinstance(metrics["acceptance"]["all"], bool) and metrics["split"] == "test"
     assert not (tmp_path / "data" / "mini").exists()  # no mini world was built
     assert (tmp_path / "results" / "figures" / "headroom.png").is_file()
+
+
+@pytest.mark.slow
+def test_c2c_notebooks_run_on_a_profile_of_real_model_classes(real_class_profile, real_class_root):
+    """01 and 02 on the tiny real-class profile: the sender reads its records, the receiver never."""
+    c2c = _run_on_real_classes("01_c2c", real_class_profile, real_class_root, train_steps=4)
+    for name in ("receiver_alone", "sender_alone", "c2c", "t2t", "t2t_answer", "finetuned_receiver", "oracle"):
+        assert _accuracy_ok(c2c["accuracy"][name])
+    assert c2c["parameters"]["ablations"] is None and c2c["fuser"]["aligner"]  # the profile names no ablation
+    co = _run_on_real_classes("02_co_c2c", real_class_profile, real_class_root, train_steps=4)
+    assert set(co["directions"]) == {"tiny-gemma3->tiny-llama", "tiny-llama->tiny-gemma3"}
+    assert all(_accuracy_ok(d["refined"]) for d in co["directions"].values())
