@@ -32,6 +32,10 @@ from pathlib import Path
 from . import data
 
 KIND = "private_context"
+VERSION = 2
+"""Bumped whenever the items or records a config gives change (part of the task's directory
+name, so no build of an older version is ever read as this one's). 2: ``cloze_prefix`` and
+answer-sentence records."""
 
 
 @dataclass(frozen=True)
@@ -112,7 +116,9 @@ class ContextTaskConfig:
             raise ValueError(f"ContextTaskConfig.distractors={self.distractors}: use 0 to the smallest split size - 1.")
 
     def hash(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+        """Short hash of the config and :data:`VERSION` (the build's directory name)."""
+        payload = json.dumps({**asdict(self), "version": VERSION}, sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
 
 def person_names(rng: random.Random, n: int) -> list[str]:
@@ -212,7 +218,8 @@ def write_task(root: str | Path, seed: int, config: ContextTaskConfig | None = N
     for key, path in paths.items():
         tmp = data.write_jsonl(rows[key], path.with_suffix(f".tmp{os.getpid()}"))
         os.replace(tmp, path)
-    info = {"kind": KIND, "seed": seed, "config": asdict(config), "sizes": {k: len(v) for k, v in splits.items()}}
+    info = {"kind": KIND, "version": VERSION, "seed": seed, "config": asdict(config),
+            "sizes": {k: len(v) for k, v in splits.items()}}  # fmt: skip
     tmp = manifest.with_suffix(f".tmp{os.getpid()}")
     tmp.write_text(json.dumps(info, indent=1, sort_keys=True))
     os.replace(tmp, manifest)

@@ -153,3 +153,12 @@ def test_headroom_on_a_profile_of_real_model_classes(real_class_profile, tmp_pat
     assert report["models"]["tiny-gemma3"]["chat_template"] == "plain (base model)"
     notes = study.fact_notes(study.mcq("val"))
     assert all(n.startswith("Note: ") and len(n) > 10 for n in notes)
+
+
+def test_a_new_task_version_is_built_apart(tmp_path, monkeypatch):
+    from fedrefine_lib import context_task
+
+    old = write_task(tmp_path, 0, SMALL)
+    monkeypatch.setattr(context_task, "VERSION", context_task.VERSION + 1)
+    new = write_task(tmp_path, 0, SMALL)
+    assert new["mcq_val"].parent != old["mcq_val"].parent and old["mcq_val"].is_file()
