@@ -8,7 +8,10 @@ PY         := $(VENV)/bin/python
 STAMP      := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 KERNEL     := fedrefine
 RESULTS    := results/$(PROFILE)
-NOTEBOOKS  := $(sort $(wildcard notebooks/[0-9]*.ipynb))
+# The series per profile: every notebook, but smol (one sender) stops at 02: 03 and 04 compare
+# several senders.
+NOTEBOOKS_smol := notebooks/00_world.ipynb notebooks/01_c2c.ipynb notebooks/02_co_c2c.ipynb
+NOTEBOOKS  := $(or $(NOTEBOOKS_$(PROFILE)),$(sort $(wildcard notebooks/[0-9]*.ipynb)))
 # Extra runs after the series, per profile: notebook | output name | papermill parameters.
 # mini: 01 again with a sender whose cache holds its answers (see the probe in 01).
 EXTRA_mini := 01_c2c|c2c_qwen2.5-1.5b|-p sender_name mini-qwen2.5-1.5b -y 'ablations: []'
@@ -45,7 +48,7 @@ format: $(STAMP)
 # Progress bars in a papermill run are stored in the executed notebooks, one output per redraw
 # (a from-empty 00 kept 1.3 MB of them): redraw at most every 30 s there (tqdm reads TQDM_*).
 reproduce: export TQDM_MININTERVAL ?= 30
-reproduce: $(STAMP)
+reproduce: $(STAMP) $(if $(filter smol,$(PROFILE)),smol-weights)
 	@mkdir -p $(RESULTS)/executed
 	@if [ -z "$(NOTEBOOKS)" ]; then echo "no notebooks in notebooks/ yet: nothing to run"; fi
 	@set -e; for nb in $(NOTEBOOKS); do \
