@@ -18,7 +18,7 @@ EXTRA_mini := 01_c2c|c2c_qwen2.5-1.5b|-p sender_name mini-qwen2.5-1.5b -y 'ablat
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: all venv test test-fast lint format reproduce seeds lab bench clean smol-weights
+.PHONY: all venv test test-fast lint format reproduce seeds fuser-seeds lab bench clean smol-weights
 
 all: test
 
@@ -84,6 +84,22 @@ seeds: $(STAMP)
 	done; \
 	$(PY) -m fedrefine_lib.seeds $(RESULTS)/seeds --out $(RESULTS)/seeds.json; \
 	echo "== seeds $(SEEDS) done in $$(( $$(date +%s) - start )) s"
+
+# 01's pair over several fuser seeds on one world (the single-pair headline's spread over fuser
+# initialisation and record order), each into results/<profile>/fuser_seeds/<fuser seed>/, then
+# the spread (results/<profile>/fuser_seeds.json). About 6 min a fuser seed on 2 cores.
+FUSER_SEEDS ?= 42 43 44
+FUSER_WORLD ?= 1
+fuser-seeds: export TQDM_MININTERVAL ?= 30
+fuser-seeds: $(STAMP)
+	@set -e; start=$$(date +%s); for fs in $(FUSER_SEEDS); do \
+	  out=$(RESULTS)/fuser_seeds/$$fs; mkdir -p $$out; echo "== world $(FUSER_WORLD), fuser seed $$fs"; \
+	  $(PY) -m papermill notebooks/01_c2c.ipynb $$out/01_c2c.ipynb -k $(KERNEL) -p profile $(PROFILE) \
+	    -p seed $(FUSER_WORLD) -p fuser_seed $$fs -p results_dir ../$$out -p cache_probe False -y 'ablations: []' \
+	    --cwd notebooks --log-level WARNING; \
+	done; \
+	$(PY) -m fedrefine_lib.seeds $(RESULTS)/fuser_seeds --out $(RESULTS)/fuser_seeds.json --files c2c.json; \
+	echo "== fuser seeds $(FUSER_SEEDS) done in $$(( $$(date +%s) - start )) s"
 
 lab: $(STAMP)
 	$(PY) -m jupyter lab notebooks/

@@ -94,6 +94,7 @@ PARAMETER_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "gate_hidden": (_whole(1, optional=True), "None (the profile's) or an int >= 1"),
     "train_epochs": (_number(0, strict=True, optional=True), "None (the profile's) or a number > 0"),
     "train_steps": (_whole(1, optional=True), "None (no cap) or an int >= 1"),
+    "fuser_seed": (_whole(0, optional=True), "None (the profile's train.seed) or an int >= 0"),
     "bandwidth_mbps": (_number(0, strict=True), "a number > 0 (Mbit/s)"),
     "rtt_ms": (_number(0, strict=False), "a number >= 0 (ms)"),
 }

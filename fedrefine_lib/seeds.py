@@ -3,6 +3,7 @@
 values, and plot them.
 
     python -m fedrefine_lib.seeds results/mini/seeds --out results/mini/seeds.json
+    python -m fedrefine_lib.seeds results/mini/fuser_seeds --out results/mini/fuser_seeds.json --files c2c.json
 
 A headline is a number at a dotted path of one notebook's metrics file (an accuracy's
 ``value``, a paired difference's ``diff``). A seed whose file or path is missing is an
@@ -152,8 +153,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("root", help="folder with one subfolder of metrics files per seed")
     parser.add_argument("--out", required=True, help="summary JSON to write (a figure beside it)")
     parser.add_argument("--allow-missing", action="store_true", help="leave out seeds lacking a headline")
+    parser.add_argument("--files", nargs="*", default=None, help="only the headlines of these metrics files")
     args = parser.parse_args(argv)
-    summary = summarize_seeds(args.root, allow_missing=args.allow_missing)
+    headlines = {k: v for k, v in HEADLINES.items() if args.files is None or v[0] in args.files}
+    if not headlines:
+        known = sorted({v[0] for v in HEADLINES.values()})
+        parser.error(f"--files {args.files}: no headline reads them; the headlines read {known}.")
+    summary = summarize_seeds(args.root, headlines, allow_missing=args.allow_missing)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")

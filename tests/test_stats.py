@@ -145,3 +145,25 @@ def test_seeds_summary(tmp_path):
     assert seeds.summarize_seeds(tmp_path, heads, allow_missing=True)["headlines"]["diff"]["missing"] == [1]
     with pytest.raises(FileNotFoundError, match="make seeds"):
         seeds.summarize_seeds(tmp_path / "none", heads)
+
+
+def test_seeds_cli_keeps_the_headlines_of_the_files_named(tmp_path):
+    from fedrefine_lib import seeds
+
+    c2c = {label: path for label, (name, path) in seeds.HEADLINES.items() if name == "c2c.json"}
+    for s, value in {42: 0.5, 43: 0.7}.items():
+        metrics: dict = {}
+        for path in c2c.values():  # build each dotted path (keys may hold spaces and dashes)
+            node = metrics
+            *head, last = path.split(".")
+            for part in head:
+                node = node.setdefault(part, {})
+            node[last] = value
+        (tmp_path / str(s)).mkdir()
+        (tmp_path / str(s) / "c2c.json").write_text(json.dumps(metrics))
+    out = seeds.main([str(tmp_path), "--out", str(tmp_path / "fs.json"), "--files", "c2c.json"])
+    assert set(out["headlines"]) == set(c2c) and out["seeds"] == [42, 43]
+    assert all(h["mean"] == pytest.approx(0.6) for h in out["headlines"].values())
+    assert (tmp_path / "fs.png").is_file()
+    with pytest.raises(SystemExit):
+        seeds.main([str(tmp_path), "--out", str(tmp_path / "x.json"), "--files", "nothing.json"])
