@@ -47,6 +47,11 @@ class Study:
     def settings(self) -> dict[str, Any]:
         return self.profile.settings
 
+    @property
+    def scoring(self) -> str:
+        """The profile's MCQ scoring method (``evaluate.METHODS``; default ``"loglik"``)."""
+        return self.settings.get("scoring", "loglik")
+
     def model(self, name: str) -> LoadedModel:
         """Load (once) and return a model of this profile."""
         if name not in self._models:
@@ -206,7 +211,7 @@ class Study:
         """``evaluate.score_mcq`` with the profile's scoring method."""
         from .evaluate import score_mcq
 
-        method = kwargs.pop("method", self.settings.get("scoring", "loglik"))
+        method = kwargs.pop("method", self.scoring)
         return score_mcq(engine, items, method=method, contexts=contexts, **kwargs)
 
     def fact_notes(self, items: list[dict]) -> list[str]:

@@ -69,13 +69,22 @@ def t2t_sweep(
     only: Sequence[Subset] | None = None,
     max_new_tokens: int = 32,
     protocol: str = "background",
+    scoring: str = "loglik",
 ) -> tuple[dict[Subset, McqResult], Trace]:
     """Score ``items`` with every sender subset by text (``protocol``, see
-    :data:`.t2t.PROTOCOLS`): each sender writes once; a subset's note joins its senders'
-    texts. Returns results and the senders' trace."""
+    :data:`.t2t.PROTOCOLS`; ``scoring`` as ``score`` scores, so an answer relay asks in the same
+    form): each sender writes once; a subset's note joins its senders' texts. Returns results
+    and the senders' trace."""
     names = [s.name for s in senders]
     _, texts, trace = t2t_notes(
-        senders, items, receiver=receiver, stems=stems, max_new_tokens=max_new_tokens, protocol=protocol, progress=False
+        senders,
+        items,
+        receiver=receiver,
+        stems=stems,
+        max_new_tokens=max_new_tokens,
+        protocol=protocol,
+        scoring=scoring,
+        progress=False,
     )
     out = {}
     for subset in only or subsets(names):

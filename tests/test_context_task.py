@@ -162,3 +162,25 @@ def test_a_new_task_version_is_built_apart(tmp_path, monkeypatch):
     monkeypatch.setattr(context_task, "VERSION", context_task.VERSION + 1)
     new = write_task(tmp_path, 0, SMALL)
     assert new["mcq_val"].parent != old["mcq_val"].parent and old["mcq_val"].is_file()
+
+
+def test_fuser_trial_trains_its_own_variant_and_scores_validation(real_class_profile, tmp_path):
+    from fedrefine_lib.fuser_trial import main, run_trial, trial_variant
+    from fedrefine_lib.jobs import default_variant
+    from fedrefine_lib.study import open_study
+
+    study = open_study(str(real_class_profile), 0, smoke=True, data_dir=tmp_path, results_dir=tmp_path / "r")
+    settings = {"max_steps": 2, "lr": 0.01, "hidden": 4}
+    assert trial_variant(settings) == "trial-hidden4-lr0.01-max_steps2"
+    report = run_trial(study, settings, limit=4)
+    assert report["steps"] == 2 and report["train_config"]["lr"] == 0.01 and report["fuser_options"]["hidden"] == 4
+    assert report["split"] == "val" and report["items"] == 4
+    assert set(report["accuracy"]) == {"receiver alone", "c2c"}
+    hub = study.hub()
+    assert hub.get("tiny-gemma3", "tiny-llama", report["variant"]).config.hidden == 4
+    with pytest.raises(Exception, match="tiny-gemma3"):  # the main fuser is untouched (never trained here)
+        hub.get("tiny-gemma3", "tiny-llama", default_variant("concat"))
+    again = run_trial(study, settings, limit=4)  # stored: reused, same scores
+    assert again["accuracy"] == report["accuracy"]
+    with pytest.raises(SystemExit):
+        main(["--profile", str(real_class_profile), "--set", "lr"])

@@ -203,3 +203,39 @@ def test_t2t_answer_relay_reads_the_question_with_options(loaded_models):
     assert trace.bytes[f"{sender.name}->receiver"] == sum(len(r) for r in rows) * TOKEN_ID_BYTES
     with pytest.raises(ValueError, match="protocol"):
         t2t_notes([sender], ITEMS, protocol="telepathy", progress=False)
+
+
+def test_t2t_answer_relay_under_cloze_writes_the_answer_sentence(loaded_models):
+    """Under cloze scoring the relay asks what a cloze KV sender reads (the question, no
+    options) and the sender continues the item's answer sentence, one line; the receiver reads
+    "<cloze_prefix> <text>", and only the sender's own ids are on the wire."""
+    from fedrefine_lib import data
+    from fedrefine_lib.evaluate import CLOZE_PREFIX
+
+    sender = loaded_models["llama"]
+    items = [{**ITEMS[0], "cloze_prefix": "Zorblat glows"}, ITEMS[1], {**ITEMS[2], "cloze_prefix": "Zorblat glows"}]
+    _, texts, trace = t2t_notes(
+        [sender], items, protocol="answer", scoring="cloze", max_new_tokens=4, batch_size=8, progress=False
+    )
+    n_ids = 0
+    for it, got in zip(items, texts):
+        prefix = it.get("cloze_prefix") or CLOZE_PREFIX
+        rows, _ = generate_ids(Standalone(sender), [data.question_messages(it)], 4, prefix)
+        row = next((rows[0][:j] for j, t in enumerate(rows[0]) if "\n" in sender.tokenizer.decode([t])), rows[0])
+        n_ids += len(row)
+        assert got == [
+            data.tidy_text(f"{prefix} {data.tidy_text(sender.tokenizer.decode(row, skip_special_tokens=True))}")
+        ]
+    assert trace.bytes[f"{sender.name}->receiver"] == n_ids * TOKEN_ID_BYTES
+    with pytest.raises(ValueError, match="scoring"):
+        t2t_notes([sender], items, protocol="answer", scoring="vibes", progress=False)
+
+
+def test_t2t_answer_is_one_line(loaded_models):
+    """A relayed answer stops at its first line break (a base model goes on to the next question)."""
+    from fedrefine_lib.t2t import _first_line
+
+    tok = loaded_models["qwen2"].tokenizer
+    ids = tok("red\nQuestion: what", add_special_tokens=False)["input_ids"]
+    assert tok.decode(_first_line(tok, ids)) == "red"
+    assert _first_line(tok, ids[:1]) == ids[:1]
