@@ -105,10 +105,11 @@ class McqResult:
             for d, idx in sorted(groups.items())
         }
 
-    def where(self, domains: Sequence[str]) -> McqResult:
-        """The items of the given ``domains`` only (same order; trace not carried)."""
-        wanted = set(domains)
-        keep = [i for i, d in enumerate(self.domains) if d in wanted]
+    def where(self, domains: Sequence[str] | None) -> McqResult:
+        """The items of the given ``domains`` only (same order; trace not carried); every item
+        when ``domains`` is empty or None (nothing says where, as in ``results.summarize``)."""
+        wanted = set(domains or ())
+        keep = [i for i, d in enumerate(self.domains) if d in wanted or not wanted]
         clusters = self.cluster_labels()
 
         def pick(xs: list) -> list:

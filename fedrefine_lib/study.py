@@ -64,6 +64,22 @@ class Study:
         there (``engine.Standalone(holds_context=True)``): a sender answering by itself."""
         return Standalone(model, holds_context=True)
 
+    def homogeneous_pair(self, given: list[str] | None = None) -> tuple[str, str]:
+        """Appendix A's homogeneous pair (sender, receiver): ``given``, else the profile's
+        ``homogeneous_pair:``, else the first two senders of one architecture and vocabulary
+        (loads the senders)."""
+        pair = given or self.settings.get("homogeneous_pair")
+        if pair:
+            return tuple(pair)
+        for a, b in itertools.combinations(self.senders, 2):
+            ma, mb = self.model(a), self.model(b)
+            if type(ma.model) is type(mb.model) and ma.tokenizer.get_vocab() == mb.tokenizer.get_vocab():
+                return a, b
+        raise ValueError(
+            f"Profile {self.name!r}: no two senders share an architecture and a tokenizer; name Appendix A's "
+            "homogeneous pair (sender, receiver) as `homogeneous_pair:` in the profile or as the notebook parameter."
+        )
+
     def largest_sender(self) -> str:
         """The sender with the most parameters (loads the senders)."""
         return max(self.senders, key=lambda name: self.model(name).model.num_parameters())
@@ -72,11 +88,16 @@ class Study:
         """Whether the profile names a data source ``key`` under ``data:`` (e.g. ``mcq_pair_test``)."""
         return key in self.settings.get("data", {})
 
-    def _data_source(self, key: str) -> str:
+    def data_file(self, key: str) -> Path:
+        """The local file of data source ``key``: the profile's file, its ``data.local``
+        override, or the hub data set fetched once under ``data/<profile>/hub``
+        (``hub_data.source_file``)."""
+        from .hub_data import source_file
+
         sources = self.settings.get("data", {})
         if key not in sources:
             raise KeyError(f"Profile {self.name!r} has no data source {key!r} under `data:`; it has {sorted(sources)}.")
-        return sources[key]
+        return source_file(sources, key, self.data_dir / self.name / "hub")
 
     def chat_records(self, limit: int | None = None) -> list[list[dict]]:
         """Fuser-training chat records as ``[{"role", "content"}, ...]`` conversations
@@ -85,21 +106,31 @@ class Study:
 
         sources = self.settings.get("data", {})
         limit = limit or sources.get("chat_train_limit")
-        records = data.load_chat_records(
-            _local_or_hub(self._data_source("chat_train"), "chat"), kinds=sources.get("chat_train_kinds")
-        )
+        records = data.load_chat_records(self.data_file("chat_train"), kinds=sources.get("chat_train_kinds"))
         return records[:limit] if limit else records
 
     def mcq(self, split: str = "test", limit: int | None = None) -> list[dict]:
-        """Multiple-choice items (OpenBookQA schema) of the ``val`` or ``test`` split.
+        """Multiple-choice items (OpenBookQA schema) of the ``val`` or ``test`` split (or
+        ``train``; a split carved from it, ``data.mcq_val: {carve: mcq_train, ...}``, is left out).
+        Items without a ``domain`` (hub sets) get the profile's ``data.mcq_domain`` (default
+        ``"general"``): domain-wise selection then treats the set as one domain.
 
         Args:
             limit: keep this many items, taken in turn from each ``domain`` (file order
                 within a domain) so a small limit still covers every domain; None: all.
         """
         from . import data
+        from .hub_data import carve, carve_spec, carved_from
 
-        items = data.load_mcq(_local_or_hub(self._data_source(f"mcq_{split}"), "mcq"))
+        sources = self.settings.get("data", {})
+        key = f"mcq_{split}"
+        if spec := carve_spec(sources, key):
+            items = carve(data.load_mcq(self.data_file(spec["carve"])), spec["size"], spec["seed"])[1]
+        else:
+            items = data.load_mcq(self.data_file(key))
+            held = {it["id"] for s in carved_from(sources, key) for it in carve(items, s["size"], s["seed"])[1]}
+            items = [it for it in items if it["id"] not in held]  # the training side, validation left out
+        items = [it if it.get("domain") else {**it, "domain": sources.get("mcq_domain", "general")} for it in items]
         if limit is None or limit >= len(items):
             return items
         by_domain: dict[Any, list[dict]] = {}
@@ -250,19 +281,6 @@ class Study:
 def _given(overrides: dict[str, Any]) -> dict[str, Any]:
     """The overrides actually given (notebook parameters left at None mean "the profile's")."""
     return {k: v for k, v in overrides.items() if v is not None}
-
-
-def _local_or_hub(source: str, kind: str) -> Path:
-    path = Path(source)
-    if path.exists():
-        return path
-    if "/" in source and not source.startswith((".", "/")):
-        raise FileNotFoundError(
-            f"Data set {source!r} is a hub id, and hub data sets are not downloaded at run time. "
-            f"Export it once to a local JSONL file in the hub schema ({kind}) where the hub is reachable, "
-            "and put that path in the profile config under `data:`."
-        )
-    raise FileNotFoundError(f"Data file {source} does not exist. Build the world first or fix the profile config.")
 
 
 def open_study(

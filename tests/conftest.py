@@ -142,6 +142,15 @@ def loaded_models(tiny_models) -> dict[str, LoadedModel]:
     return {name: LoadedModel(name, m, t) for name, (m, t) in tiny_models.items()}
 
 
+def save_model_dir(model, tok, path, template: bool = True) -> None:
+    """Save a tiny model and its tokenizer as a ``from_pretrained`` directory (``template``
+    False: no chat template, like a base model)."""
+    model.save_pretrained(path)
+    saved = tok.__class__(tokenizer_object=tok.backend_tokenizer, pad_token=tok.pad_token, eos_token=tok.eos_token)
+    saved.chat_template = tok.chat_template if template else None
+    saved.save_pretrained(path)
+
+
 @pytest.fixture(scope="session")
 def real_class_profile(tiny_models, tmp_path_factory):
     """A non-mini profile (YAML path) of tiny random models of the real classes saved to disk:
@@ -149,11 +158,7 @@ def real_class_profile(tiny_models, tmp_path_factory):
     tokenizer has none, like the base Gemma-3-270M, on the private-context task."""
     root = tmp_path_factory.mktemp("real-class-profile")
     for name, key, template in (("tiny-llama", "llama", True), ("tiny-gemma3", "gemma3", False)):
-        model, tok = tiny_models[key]
-        model.save_pretrained(root / name)
-        saved = tok.__class__(tokenizer_object=tok.backend_tokenizer, pad_token=tok.pad_token, eos_token=tok.eos_token)
-        saved.chat_template = tok.chat_template if template else None
-        saved.save_pretrained(root / name)
+        save_model_dir(*tiny_models[key], root / name, template)
     (root / "tinyreal.yaml").write_text(
         "profile: tinyreal\n"
         "receiver: tiny-llama\n"
@@ -168,3 +173,48 @@ def real_class_profile(tiny_models, tmp_path_factory):
         "train: {lr: 1.0e-3, epochs: 1, batch_size: 4, seed: 0}\n"
     )
     return root / "tinyreal.yaml"
+
+
+# The paper profile's models as tiny random ones of the same classes: receiver layers and KV
+# heads scaled down from configs/paper.yaml (28/24/24/28/16 layers -> 4/3/3/4/2), the Qwen2.5
+# pair of one shape, the 1.5B the largest, the Llama with its own tokenizer.
+PAPER_TINY = {
+    "qwen3-0.6b": (Qwen3ForCausalLM, Qwen3Config, dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
+                                                        num_key_value_heads=2, head_dim=16)),
+    "qwen2.5-0.5b-instruct": (Qwen2ForCausalLM, Qwen2Config, dict(hidden_size=24, num_hidden_layers=3,
+                                                                   num_attention_heads=3, num_key_value_heads=1)),
+    "qwen2.5-coder-0.5b-instruct": (Qwen2ForCausalLM, Qwen2Config, dict(hidden_size=24, num_hidden_layers=3,
+                                                                         num_attention_heads=3, num_key_value_heads=1)),
+    "qwen2.5-1.5b-instruct": (Qwen2ForCausalLM, Qwen2Config, dict(hidden_size=48, num_hidden_layers=4,
+                                                                   num_attention_heads=3, num_key_value_heads=1)),
+    "llama-3.2-1b-instruct": (LlamaForCausalLM, LlamaConfig, dict(hidden_size=32, num_hidden_layers=2,
+                                                                   num_attention_heads=4, num_key_value_heads=2)),
+}  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def paper_class_profile(qwen_tokenizer, llama_tokenizer, tmp_path_factory):
+    """configs/paper.yaml with its models replaced by tiny random models of the same classes
+    (saved to disk; the paper's dtype, on the CPU), its hub data by tests/fixtures/paper (``data.local``),
+    and its sizes scaled down (fuser width, batch, validation split): the YAML path."""
+    import yaml
+
+    from fedrefine_lib.models import CONFIG_DIR, REPO_ROOT
+
+    root = tmp_path_factory.mktemp("paper-profile")
+    raw = yaml.safe_load((CONFIG_DIR / "paper.yaml").read_text())
+    for i, (name, (cls, config_cls, shape)) in enumerate(PAPER_TINY.items()):
+        tok = llama_tokenizer if cls is LlamaForCausalLM else qwen_tokenizer
+        config = config_cls(intermediate_size=2 * shape["hidden_size"], max_position_embeddings=512,
+                            tie_word_embeddings=False, **shape)  # fmt: skip
+        config.vocab_size, config.pad_token_id = len(tok), tok.pad_token_id
+        torch.manual_seed(i)  # one seed each: the two same-shape Qwen2.5 models differ
+        save_model_dir(cls(config).eval(), tok, root / name)
+        raw["models"][name] = {"source": str(root / name), "dtype": raw["models"][name]["dtype"], "device": "cpu"}
+    raw["data"]["local"] = str(REPO_ROOT / "tests" / "fixtures" / "paper")
+    raw["data"]["mcq_val"] = {**raw["data"]["mcq_val"], "size": 12}
+    raw["fuser"] = {**raw["fuser"], "hidden": 16}
+    raw["train"] = {**raw["train"], "batch_size": 4}
+    path = root / "papertiny.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path

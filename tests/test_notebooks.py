@@ -258,3 +258,54 @@ def test_c2c_notebooks_run_on_a_profile_of_real_model_classes(real_class_profile
     co = _run_on_real_classes("02_co_c2c", real_class_profile, real_class_root, train_steps=4)
     assert set(co["directions"]) == {"tiny-gemma3->tiny-llama", "tiny-llama->tiny-gemma3"}
     assert all(_accuracy_ok(d["refined"]) for d in co["directions"].values())
+
+
+VARIANTS = ("default", "concat", "prefix")  # 03's fusion modes as hub variants
+# Keys every notebook writes on the paper profile (no mini world: no two-fact questions, no
+# template-swap bound), each an accuracy record.
+PAPER_EXPECTED = {
+    "00_world": ["accuracy.receiver alone.all", "accuracy.oracle.all"],
+    "01_c2c": [f"accuracy.{k}" for k in ("receiver_alone", "sender_alone", "c2c", "t2t", "t2t_answer", "oracle")],
+    "02_co_c2c": [],
+    "03_fedrefine": ["oracle", "policies.equal", "policies.prior", "policies.learned_gate"],
+    "04_case_study": ["oracle", "panel_a_selected", "four_senders.KV-Rephrased", "four_senders.Answer-Original",
+                      "routed.accuracy.KV, routed", "routed.accuracy.delegation", "appendix_a.homogeneous.cache"],
+}  # fmt: skip
+
+
+@pytest.mark.slow
+def test_the_paper_pipeline_runs_on_tiny_models_of_the_paper_classes(paper_class_profile, tmp_path):
+    """The `paper` profile's dry run: configs/paper.yaml with tiny random Qwen3 / Qwen2 / Llama
+    models and tests/fixtures/paper in the hub schemas (data -> fusers -> gate -> case study),
+    the paper's settings scaled down: every notebook writes its metrics file."""
+    from fedrefine_lib.models import load_profile
+
+    paper = load_profile("paper")
+    written = {}
+    for notebook, keys in PAPER_EXPECTED.items():
+        extra = {"train_steps": 3} if notebook != "00_world" else {}
+        metrics = written[notebook] = _run_on_real_classes(notebook, paper_class_profile, tmp_path, **extra)
+        assert metrics["notebook"] == notebook and metrics["timings"]["total"] > 0
+        for key in keys:
+            node = metrics
+            for part in key.split("."):
+                node = node[part]
+            assert _accuracy_ok(node), f"{notebook}: {key} = {node}"
+    models = written["00_world"]["models"]
+    assert [models[n]["architecture"] for n in [paper.receiver, *paper.senders]] == [
+        "Qwen3ForCausalLM", *["Qwen2ForCausalLM"] * 3, "LlamaForCausalLM"
+    ]  # fmt: skip
+    assert written["00_world"]["scoring"] == "letter" and written["00_world"]["items"] == 16
+    c2c = written["01_c2c"]
+    assert c2c["fuser"]["layer_map"] == [0, 1, 1, 1]  # bottom-up: 4 receiver layers read the Llama's 2
+    assert c2c["training"]["config"]["lr"] == paper.settings["train"]["lr"]
+    hub = written["03_fedrefine"]["hub"]  # the four fusers F_j->receiver, per fusion mode (residual: "default")
+    assert {(h["sender"], h["variant"]) for h in hub} == {(s, v) for s in paper.senders for v in VARIANTS}
+    assert written["03_fedrefine"]["policy_mode"] == "residual"
+    assert set(written["03_fedrefine"]["gate_weights_by_domain"]) == {"science"}
+    case = written["04_case_study"]
+    assert case["appendix_a"]["homogeneous"]["pair"] == "qwen2.5-coder-0.5b-instruct -> qwen2.5-0.5b-instruct"
+    assert sorted(p.name for p in (tmp_path / "results").glob("*.json")) == [
+        "c2c.json", "case_study.json", "co_c2c.json", "fedrefine.json", "world.json"
+    ]  # fmt: skip
+    assert sorted(p.name for p in (tmp_path / "data" / "paper" / "0" / "fusers").iterdir())  # fusers stored
