@@ -103,7 +103,7 @@ def _not_available(spec: ModelSpec, why: str) -> ModelNotAvailableError:
         f"Model {spec.name!r} ({spec.source}) is not available: {why}. It is not cached locally"
         + (" and HF_HUB_OFFLINE=1 forbids downloading it" if _offline() else "")
         + f". (If {spec.source!r} is meant as a local directory: none exists at {Path(spec.source).resolve()}.)"
-        + " Download it once where the hub is reachable (`huggingface-cli download "
+        + " Download it once where the hub is reachable (`hf download "
         f"{spec.source} --local-dir DIR`) and point the spec's `source` at that local directory "
         "(in configs/<profile>.yaml or ModelSpec(source=DIR))."
     )
