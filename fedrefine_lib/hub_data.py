@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from .data import FROM_OF, ROLE_OF, write_jsonl
-from .models import REPO_ROOT
+from .models import REPO_ROOT, load_profile
 
 SPLIT_OF = {"train": "train", "val": "validation", "test": "test"}
 """A data key's last part (``mcq_train`` -> ``train``) -> the hub split it reads."""
@@ -210,8 +210,6 @@ def fetch_profile(sources: Mapping[str, Any], cache: Path, keys: Iterable[str] |
 
 
 def main(argv: list[str] | None = None) -> None:
-    from .models import load_profile
-
     parser = argparse.ArgumentParser(description="Fetch a profile's hub data sets once, as JSONL in their schemas.")
     parser.add_argument("--profile", default="paper")
     parser.add_argument("--data-dir", default=str(REPO_ROOT / "data"))

@@ -17,6 +17,7 @@ from typing import Any
 
 from .context_task import KIND, RELATIONS, ContextTaskConfig, write_task
 from .engine import Standalone
+from .hub_data import carve, carve_spec, carved_from, source_file
 from .models import REPO_ROOT, LoadedModel, Profile, load_model, load_profile
 
 
@@ -70,6 +71,12 @@ class Study:
         (loads the senders)."""
         pair = given or self.settings.get("homogeneous_pair")
         if pair:
+            unknown = [name for name in pair if name not in self.profile.models]
+            if len(pair) != 2 or unknown:
+                raise ValueError(
+                    f"Appendix A's homogeneous pair must be [sender, receiver] of profile {self.name!r}'s models; "
+                    f"got {list(pair)} (unknown: {unknown}). It has {sorted(self.profile.models)}."
+                )
             return tuple(pair)
         for a, b in itertools.combinations(self.senders, 2):
             ma, mb = self.model(a), self.model(b)
@@ -92,8 +99,6 @@ class Study:
         """The local file of data source ``key``: the profile's file, its ``data.local``
         override, or the hub data set fetched once under ``data/<profile>/hub``
         (``hub_data.source_file``)."""
-        from .hub_data import source_file
-
         sources = self.settings.get("data", {})
         if key not in sources:
             raise KeyError(f"Profile {self.name!r} has no data source {key!r} under `data:`; it has {sorted(sources)}.")
@@ -120,7 +125,6 @@ class Study:
                 within a domain) so a small limit still covers every domain; None: all.
         """
         from . import data
-        from .hub_data import carve, carve_spec, carved_from
 
         sources = self.settings.get("data", {})
         key = f"mcq_{split}"

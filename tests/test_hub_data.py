@@ -137,7 +137,10 @@ def test_local_files_replace_the_hub(tmp_path, monkeypatch):
 
 def test_homogeneous_pair_from_the_profile_or_the_senders(tmp_path, loaded_models):
     assert _paper(tmp_path).homogeneous_pair() == ("qwen2.5-coder-0.5b-instruct", "qwen2.5-0.5b-instruct")
-    assert _paper(tmp_path).homogeneous_pair(["a", "b"]) == ("a", "b")
+    pair = ["qwen2.5-1.5b-instruct", "llama-3.2-1b-instruct"]
+    assert _paper(tmp_path).homogeneous_pair(pair) == tuple(pair)
+    with pytest.raises(ValueError, match=r"must be \[sender, receiver\].*unknown: \['a'\]"):
+        _paper(tmp_path).homogeneous_pair(["a", "qwen3-0.6b"])
     study = _paper(tmp_path)
     del study.settings["homogeneous_pair"]
     qwen2 = loaded_models["qwen2"]
