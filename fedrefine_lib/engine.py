@@ -25,6 +25,7 @@ import torch
 from transformers import DynamicCache
 
 from fedrefine_lib import kv as kvlib
+from fedrefine_lib import transport as codec
 from fedrefine_lib.align import Alignment
 from fedrefine_lib.kv import KVCache
 from fedrefine_lib.prompts import Messages, encode_prompts, holder_view, shared_view
@@ -114,9 +115,12 @@ def sender_prefill(
     link: str = "sender->receiver",
     rows: torch.Tensor | None = None,
     last: int | None = None,
+    transport: codec.Encoding | None = None,
 ) -> KVCache:
     """Run the sender over its prompt (every position kept) and record the bytes its cache
-    takes on the wire (``kv.kv_bytes`` per sample, real tokens only).
+    takes on the wire: with a ``transport`` encoding, each query's exact payload, and the cache
+    returned is the decoded one (what a receiver gets, with the encoding's loss); without,
+    ``kv.kv_bytes`` per sample at ``wire_dtype`` (real tokens only) and the cache as computed.
 
     Args:
         rows: ``[B]`` bool, the samples whose cache is actually sent (a selection policy
@@ -128,17 +132,22 @@ def sender_prefill(
     Returns:
         per sender layer ``[B, Hs, S, Ds]`` (``S = min(last, prompt width)`` with ``last``).
     """
-    dev = device_of(sender.model)
-    with trace.time_sender("sender_prefill", getattr(sender, "name", "sender")):
+    dev, name = device_of(sender.model), getattr(sender, "name", "sender")
+    with trace.time_sender("sender_prefill", name):
         cache = prefill(sender.model, alignment.sender_ids.to(dev), alignment.sender_mask.to(dev))
     mask = alignment.sender_mask
     if last is not None:
         cache = cache.map(lambda t: t[:, :, -last:])
         cache.seq_len = cache.keys[0].shape[2]
         mask = mask[:, -last:]
-    sent = mask if rows is None else mask[rows.to(mask.device)]
+    sent = mask if rows is None else mask * rows.to(mask.device)[:, None].to(mask.dtype)
     lengths = sent.sum(1).tolist()
-    trace.count("bytes", link, sum(kvlib.kv_bytes(sender.model.config, n, wire_dtype) for n in lengths))
+    if transport is None:
+        trace.count("bytes", link, sum(kvlib.kv_bytes(sender.model.config, n, wire_dtype) for n in lengths))
+    else:
+        with trace.time_sender("transport_codec", name):
+            cache, sizes = codec.roundtrip(cache, sent, transport, codec.model_id(name, sender.model.config))
+        trace.count("bytes", link, sum(sizes))
     trace.count("tokens", "sender_prompt", int(sum(lengths)))
     return cache
 

@@ -41,6 +41,7 @@ from fedrefine_lib.gate import GateQuery
 from fedrefine_lib.kv import KVCache
 from fedrefine_lib.prompts import Messages, encode_prompts, has_context, holder_view
 from fedrefine_lib.trace import Trace
+from fedrefine_lib.transport import Encoding
 
 MODES = KINDS
 """Fusion modes, one per fuser kind: ``residual``, ``concat``, ``prefix``."""
@@ -126,7 +127,10 @@ class FedRefine:
         sender_views: what senders read instead of the receiver's chats: one view for all or
             ``{sender name: view}`` (e.g. each its own rephrasing; a :func:`rotate` control).
         aligners: ``residual`` only: one aligner for all, or per sender (default: each fuser's).
-        wire_dtype: dtype the sender caches are counted in on the wire.
+        wire_dtype: dtype the sender caches are counted in on the wire (no ``transport``).
+        transport: how each sender's cache is sent (``transport.Encoding``: one for all or per
+            sender name): each query is encoded and decoded, its exact payload counted, and
+            the fusers see the decoded cache; None: counted at ``wire_dtype``, not encoded.
     """
 
     def __init__(
@@ -140,6 +144,7 @@ class FedRefine:
         sender_views: SenderView | dict[str, SenderView] | None = None,
         aligners: str | Aligner | dict[str, str | Aligner] | None = None,
         wire_dtype: str = "bfloat16",
+        transport: Encoding | dict[str, Encoding] | None = None,
     ):
         names = [s.name for s in senders]
         if not names or len(set(names)) != len(names) or receiver.name in names:
@@ -174,6 +179,7 @@ class FedRefine:
         self.receiver, self.senders, self.policy = receiver, list(senders), policy
         self.sender_names, self.wire_dtype = names, wire_dtype
         self.views = [_per_sender(sender_views, n) for n in names]
+        self.transports = [_per_sender(transport, n) for n in names]
         self.aligners = [
             None
             if self.mode != "residual"
@@ -191,6 +197,7 @@ class FedRefine:
         alignments: list[Alignment | None] = []
         caches: list[KVCache | None] = []
         for j, (sender, view, aligner, link) in enumerate(zip(self.senders, self.views, self.aligners, self.links)):
+            encoding = self.transports[j]
             rows = open_rows[:, j]
             if not bool(rows.any()):
                 alignments.append(None)
@@ -220,7 +227,7 @@ class FedRefine:
                         )
             a.sender_index = a.sender_index.to(ids.device)
             last = unwrap(self.fusers[j]).config.sender_positions
-            caches.append(sender_prefill(sender, a, trace, self.wire_dtype, link, rows=rows, last=last))
+            caches.append(sender_prefill(sender, a, trace, self.wire_dtype, link, rows, last, encoding))
             alignments.append(a if last is None else a.last(last))
         return alignments, caches
 
@@ -287,10 +294,12 @@ class FedRefine:
             for fuser, a, sender_cache in zip(self.fusers, caches.alignments, caches.sender_caches):
                 if sender_cache is None:
                     out.append(None)
-                elif self.mode == "residual":
-                    out.append(project(fuser, sender_cache, caches.receiver_cache, a.sender_index[:, :-1]))
+                    continue
+                if self.mode == "residual":
+                    p = project(fuser, sender_cache, caches.receiver_cache, a.sender_index[:, :-1])
                 else:
-                    out.append(fuser(sender_cache.to(device=dev)))
+                    p = fuser(sender_cache.to(device=dev))
+                out.append(_without_unsent(p, sender_cache.present, unwrap(fuser).config.layer_map))
         return out
 
     def combine(self, caches: Caches, projections: list, weights: torch.Tensor, trace: Trace | None = None) -> Prefill:
@@ -387,6 +396,7 @@ def C2C(
     aligner: str | Aligner | None = None,
     sender_view: SenderView | None = None,
     wire_dtype: str = "bfloat16",
+    transport: Encoding | None = None,
 ) -> FedRefine:
     """Cache-to-cache: ``sender``'s prompt cache, through ``fuser`` (any kind), refines the
     receiver's: :class:`FedRefine` with one sender and weight 1.
@@ -395,10 +405,23 @@ def C2C(
         aligner: residual fusers only: the token aligner (default: the fuser's).
         sender_view: what the sender reads instead of the receiver's chats (e.g. the
             :func:`rotate` wrong-cache control); None: the same chats.
+        transport: how the sender's cache is sent (``transport.Encoding``; see :class:`FedRefine`).
     """
     return FedRefine(
-        receiver, [sender], {sender.name: fuser}, aligners=aligner, sender_views=sender_view, wire_dtype=wire_dtype
-    )
+        receiver, [sender], {sender.name: fuser}, aligners=aligner, sender_views=sender_view, wire_dtype=wire_dtype,
+        transport=transport,
+    )  # fmt: skip
+
+
+def _without_unsent(projection, present: list[bool], layer_map: list[int]):
+    """A projection with no fusion (zeros, as under a closed gate) on every receiver layer
+    reading a sender layer that was not transmitted (``KVCache.present``)."""
+    if all(present):
+        return projection
+    keys, values = (projection.keys, projection.values) if isinstance(projection, KVCache) else projection
+    keys = [k if present[s] else torch.zeros_like(k) for k, s in zip(keys, layer_map)]
+    values = [v if present[s] else torch.zeros_like(v) for v, s in zip(values, layer_map)]
+    return KVCache(keys, values, projection.seq_len) if isinstance(projection, KVCache) else (keys, values)
 
 
 def _per_sender(value, name: str):

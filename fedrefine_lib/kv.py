@@ -1,5 +1,5 @@
 """Per-layer KV caches: reading them out of a transformers 5.x ``Cache``, rebuilding a
-cache a model can continue from, sizes in bytes, and transport encoding.
+cache a model can continue from, and sizes in bytes (``transport`` encodes them for the wire).
 
 Shapes: every layer holds ``keys`` and ``values`` of ``[batch, kv_heads, seq, head_dim]``.
 Sliding-window layers (Gemma-3) hold only their last ``window - 1`` positions; the true
@@ -8,8 +8,6 @@ number of tokens seen is kept in :attr:`KVCache.seq_len` and restored on rebuild
 
 from __future__ import annotations
 
-import json
-import struct
 from dataclasses import dataclass, field
 
 import torch
@@ -50,18 +48,23 @@ class KVCache:
         values: per layer, same shapes as ``keys``.
         seq_len: number of tokens the cache has seen.
         sliding: per layer, True where the layer is a sliding-window layer.
+        present: per layer, False where the layer was not transmitted (``transport``: its
+            tensors are zeros, and a fuser reading it gives no fusion).
     """
 
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
     seq_len: int
     sliding: list[bool] = field(default_factory=list)
+    present: list[bool] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if len(self.keys) != len(self.values):
             raise ValueError(f"{len(self.keys)} key layers but {len(self.values)} value layers.")
         if not self.sliding:
             self.sliding = [False] * len(self.keys)
+        if not self.present:
+            self.present = [True] * len(self.keys)
         for i, (k, v) in enumerate(zip(self.keys, self.values)):
             if k.dim() != 4 or k.shape[:3] != v.shape[:3]:
                 raise ValueError(
@@ -119,7 +122,8 @@ class KVCache:
 
     def map(self, fn) -> KVCache:
         """Apply ``fn(tensor) -> tensor`` to every key and value tensor."""
-        return KVCache([fn(k) for k in self.keys], [fn(v) for v in self.values], self.seq_len, list(self.sliding))
+        keys, values = [fn(k) for k in self.keys], [fn(v) for v in self.values]
+        return KVCache(keys, values, self.seq_len, list(self.sliding), list(self.present))
 
     def to(self, dtype: torch.dtype | str | None = None, device: torch.device | str | None = None) -> KVCache:
         dt = resolve_dtype(dtype) if dtype is not None else None
@@ -187,61 +191,6 @@ def kv_bytes_per_token(config: PretrainedConfig, dtype: torch.dtype | str = "bfl
     on full-attention layers (the paper's "KV bytes per token")."""
     layers, kv_heads, head_dim = kv_shape(config)
     return 2 * layers * kv_heads * head_dim * resolve_dtype(dtype).itemsize
-
-
-# ----------------------------------------------------------------------- transport
-
-
-@dataclass(frozen=True)
-class EncodedKV:
-    """A cache ready for the wire: a small JSON header and the raw tensor bytes."""
-
-    header: bytes
-    payload: bytes
-
-    @property
-    def payload_bytes(self) -> int:
-        """Bytes of tensor data on the wire (what bandwidth is spent on)."""
-        return len(self.payload)
-
-    def to_bytes(self) -> bytes:
-        return struct.pack("<I", len(self.header)) + self.header + self.payload
-
-    @classmethod
-    def from_bytes(cls, blob: bytes) -> EncodedKV:
-        (n,) = struct.unpack("<I", blob[:4])
-        return cls(blob[4 : 4 + n], blob[4 + n :])
-
-
-def encode(kv: KVCache, dtype: torch.dtype | str = "bfloat16") -> EncodedKV:
-    """Cast every tensor to ``dtype`` and concatenate its bytes (layer by layer, K then V)."""
-    dt = resolve_dtype(dtype)
-    chunks, shapes = [], []
-    for k, v in zip(kv.keys, kv.values):
-        for t in (k, v):
-            t = t.detach().to("cpu", dt).contiguous()
-            chunks.append(t.view(torch.uint8).numpy().tobytes())
-            shapes.append(list(t.shape))
-    header = {"dtype": dtype_name(dt), "seq_len": kv.seq_len, "sliding": kv.sliding, "shapes": shapes}
-    return EncodedKV(json.dumps(header).encode(), b"".join(chunks))
-
-
-def decode(encoded: EncodedKV, dtype: torch.dtype | str | None = None) -> KVCache:
-    """Inverse of :func:`encode`; tensors come back in the wire dtype unless ``dtype`` is given."""
-    header = json.loads(encoded.header)
-    dt = resolve_dtype(header["dtype"])
-    buf = torch.frombuffer(bytearray(encoded.payload), dtype=torch.uint8) if encoded.payload else None
-    tensors, offset = [], 0
-    for shape in header["shapes"]:
-        n = int(torch.tensor(shape).prod()) * dt.itemsize
-        if buf is None or offset + n > buf.numel():
-            raise ValueError("Truncated KV payload: fewer bytes than its header describes.")
-        t = buf[offset : offset + n].view(dt).reshape(shape)
-        tensors.append(t if dtype is None else t.to(resolve_dtype(dtype)))
-        offset += n
-    if buf is not None and offset != buf.numel():
-        raise ValueError(f"KV payload has {buf.numel() - offset} bytes more than its header describes.")
-    return KVCache(tensors[0::2], tensors[1::2], header["seq_len"], header["sliding"])
 
 
 # ------------------------------------------------------------------------ forward

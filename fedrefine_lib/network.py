@@ -1,5 +1,5 @@
-"""The network between devices: a link model, transmission time of a trace, bytes on the
-wire for cache (KV) vs token communication, and a QoS policy choosing between them.
+"""The network between devices: a link model, transmission time of a trace, and bytes on the
+wire for cache (KV) vs token communication (``qos`` chooses between them per request).
 
 Link model (:class:`Link`): sending ``n`` bytes as ``m`` messages takes
 
@@ -24,7 +24,7 @@ Several senders transmit over their *own* uplinks at the same time, so the
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import pandas as pd
 from transformers import PretrainedConfig
@@ -317,66 +317,3 @@ def paper_comparison(table: pd.DataFrame) -> pd.DataFrame:
     out["ratio_to_88KiB"] = (out["ours_bytes"] / (88 * 1024)).where(is_kv)
     out["ratio_to_paper_16B"] = (out["ours_bytes"] / PAPER_TOKENS_ALL_SENDERS_BYTES).where(~is_kv)
     return out
-
-
-# ----------------------------------------------------------------------------- QoS
-
-COMMUNICATION_MODES = ("kv", "tokens")
-
-
-@dataclass(frozen=True)
-class ModeCost:
-    """Estimated cost of one query in one communication mode.
-
-    Attributes:
-        compute_s: seconds of computation (every stage but transmission).
-        link_bytes: bytes per link for the query.
-    """
-
-    compute_s: float
-    link_bytes: Mapping[str, float] = field(default_factory=dict)
-
-    @classmethod
-    def from_trace(cls, trace: Trace, queries: int = 1) -> ModeCost:
-        """Per-query cost measured by an engine's trace (any ``transmission`` stage excluded)."""
-        if queries < 1:
-            raise ValueError(f"queries must be >= 1, got {queries}.")
-        compute = sum(s for k, s in trace.seconds.items() if k != "transmission")
-        return cls(compute / queries, {k: b / queries for k, b in trace.bytes.items()})
-
-
-@dataclass(frozen=True)
-class QosDecision:
-    """Which mode to use for one request, with the estimated latency of each mode."""
-
-    mode: str
-    latency_s: dict[str, float]
-    within_budget: bool
-    reason: str
-
-
-def choose_communication(
-    links: Links, budget_s: float, kv: ModeCost, tokens: ModeCost, *, prefer: str = "kv", parallel: bool = True
-) -> QosDecision:
-    """Choose KV (cache) or token communication for one request (the paper's future direction).
-
-    Each mode's latency is estimated as ``compute_s + transmission`` over the current link
-    state. The preferred mode (default ``kv``: the paper finds it ~15 % more accurate) is
-    used when it meets ``budget_s``; otherwise the other mode if it does; if neither does,
-    the faster one (``within_budget=False``).
-    """
-    if prefer not in COMMUNICATION_MODES:
-        raise ValueError(f"prefer must be one of {COMMUNICATION_MODES}, got {prefer!r}.")
-    if not budget_s > 0:
-        raise ValueError(f"The latency budget must be > 0 s, got {budget_s}.")
-    costs = {"kv": kv, "tokens": tokens}
-    latency = {m: c.compute_s + transmission_seconds(c.link_bytes, links, 1, parallel) for m, c in costs.items()}
-    other = "tokens" if prefer == "kv" else "kv"
-    if latency[prefer] <= budget_s:
-        return QosDecision(prefer, latency, True, f"{prefer} meets the {budget_s:g} s budget (preferred)")
-    if latency[other] <= budget_s:
-        return QosDecision(
-            other, latency, True, f"{prefer} needs {latency[prefer]:.3g} s > {budget_s:g} s budget; {other} meets it"
-        )
-    fastest = min(latency, key=latency.get)
-    return QosDecision(fastest, latency, False, f"no mode meets the {budget_s:g} s budget; {fastest} is fastest")

@@ -178,3 +178,30 @@ def scatter(
         ax.plot([0, 1], [0, 1], ls=":", color="grey", lw=1)
     ax.set(title=title, xlim=(0, 1.05), ylim=(0, 1.05))
     return _finish(fig, path)
+
+
+def accuracy_vs_bytes(table: pd.DataFrame, group: str, title: str = "", path: str | Path | None = None):
+    """Accuracy (with its interval) against bytes per query on a log axis, one colour per
+    ``group`` (e.g. fuser or protocol); options sending nothing are drawn at the left edge."""
+    fig, ax = plt.subplots(figsize=(7.0, 4.4))
+    floor = max(1.0, 0.5 * table.loc[table["bytes_per_query"] > 0, "bytes_per_query"].min())
+    t = table.assign(x=table["bytes_per_query"].clip(lower=floor))
+    for name, part in t.groupby(group, sort=False, dropna=False):
+        err = [part["accuracy"] - part["ci_low"], part["ci_high"] - part["accuracy"]]
+        ax.errorbar(part["x"], part["accuracy"], yerr=err, fmt="o", ms=5, capsize=2, label=str(name), alpha=0.85)
+    ax.set_xscale("log")
+    ax.set(title=title, xlabel="bytes per query (payload; log)", ylabel="accuracy", ylim=(0, 1.05))
+    ax.legend(fontsize=7, loc="lower right")
+    return _finish(fig, path)
+
+
+def policy_sweep(frame: pd.DataFrame, title: str = "", path: str | Path | None = None):
+    """Share of requests answered right within the budget against link bandwidth (log), one
+    line per policy (``qos.sweep``)."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.0))
+    for name, part in frame.groupby("policy", sort=False):
+        ax.plot(part["bandwidth_mbps"], part["served"], marker="o", ms=3, label=str(name))
+    ax.set_xscale("log")
+    ax.set(title=title, xlabel="bandwidth (Mbit/s, log)", ylabel="right within the budget", ylim=(0, 1.05))
+    ax.legend(fontsize=8)
+    return _finish(fig, path)

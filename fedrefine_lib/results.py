@@ -97,6 +97,10 @@ PARAMETER_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "fuser_seed": (_whole(0, optional=True), "None (the profile's train.seed) or an int >= 0"),
     "bandwidth_mbps": (_number(0, strict=True), "a number > 0 (Mbit/s)"),
     "rtt_ms": (_number(0, strict=False), "a number >= 0 (ms)"),
+    **{k: (_number(0, strict=True), "a number > 0") for k in ("budget_ms", "budget_low_ms", "budget_high_ms")},
+    **{k: (_number(0, strict=True), "a number > 0 (Mbit/s)") for k in ("bandwidth_low_mbps", "bandwidth_high_mbps")},
+    "trace_requests": (_whole(1), "an int >= 1"),
+    "real_queries": (_whole(1), "an int >= 1"),
 }
 
 

@@ -7,8 +7,10 @@ import torch
 
 from fedrefine_lib import kv as kvlib
 from fedrefine_lib import network as net
+from fedrefine_lib import transport
 from fedrefine_lib.t2t import TOKEN_ID_BYTES
 from fedrefine_lib.trace import Trace
+from fedrefine_lib.transport import Encoding
 
 LINK = net.Link("test", bandwidth_mbps=8.0, rtt_ms=100.0)  # 1 MB/s, 50 ms one way
 
@@ -85,7 +87,7 @@ def test_wire_bytes_table_exact():
 
 @pytest.mark.parametrize("name", ["qwen2", "llama", "gemma3"])
 def test_kv_wire_bytes_match_encoded_payload(loaded_models, name):
-    """The size formula equals the bytes kv.encode actually puts on the wire (sliding
+    """The size formula equals the bytes transport.encode actually puts on the wire (sliding
     layers of Gemma-3 capped), per dtype."""
     model = loaded_models[name].model
     n = 7
@@ -93,7 +95,7 @@ def test_kv_wire_bytes_match_encoded_payload(loaded_models, name):
     _, cache = kvlib.forward(model, ids, torch.ones_like(ids))  # the model's own cache (sliding layers capped)
     cache = kvlib.KVCache.from_cache(cache)
     for dtype in ("float32", "bfloat16"):
-        assert net.kv_wire_bytes(model.config, n, dtype) == kvlib.encode(cache, dtype).payload_bytes
+        assert net.kv_wire_bytes(model.config, n, dtype) == transport.encode(cache, Encoding(dtype), "m").payload_bytes
 
 
 def test_paper_bytes_per_token():
@@ -111,31 +113,6 @@ def test_paper_bytes_per_token():
     assert cmp.loc["KV, senders' own caches", "ratio_to_88KiB"] == pytest.approx(84 / 88)
     assert cmp.loc["KV, senders' own caches", "ratio_to_88kB"] == pytest.approx(86.016 / 88)
     assert cmp.loc["token ids", "ratio_to_paper_16B"] == 1.0
-
-
-def test_qos_policy():
-    kv = net.ModeCost(0.1, {"s->r": 1_000_000})  # 0.1 + 1.05 = 1.15 s
-    tokens = net.ModeCost(0.5, {"s->r": 40})  # 0.5 + 0.05 + 0.00004 s
-    d = net.choose_communication(LINK, 2.0, kv, tokens)
-    assert (d.mode, d.within_budget) == ("kv", True)
-    assert d.latency_s["kv"] == pytest.approx(1.15)
-    assert d.latency_s["tokens"] == pytest.approx(0.55004)
-    assert net.choose_communication(LINK, 1.0, kv, tokens).mode == "tokens"
-    slow = net.choose_communication(LINK, 0.3, kv, tokens)
-    assert (slow.mode, slow.within_budget) == ("tokens", False)
-    assert net.choose_communication(net.Link("fat", 8000.0, 100.0), 1.0, kv, tokens).mode == "kv"
-    assert net.choose_communication(LINK, 2.0, kv, tokens, prefer="tokens").mode == "tokens"
-    with pytest.raises(ValueError, match="prefer"):
-        net.choose_communication(LINK, 1.0, kv, tokens, prefer="both")
-    with pytest.raises(ValueError, match="budget"):
-        net.choose_communication(LINK, 0, kv, tokens)
-
-
-def test_mode_cost_from_trace():
-    trace = Trace(seconds={"sender_prefill": 0.4, "projection": 0.2, "transmission": 9.0}, bytes={"s->r": 800})
-    cost = net.ModeCost.from_trace(trace, queries=2)
-    assert cost.compute_s == pytest.approx(0.3)
-    assert cost.link_bytes == {"s->r": 400}
 
 
 def test_c2c_trace_bytes_are_encoded_payloads_and_stages_add_up(loaded_models):
@@ -156,7 +133,7 @@ def test_c2c_trace_bytes_are_encoded_payloads_and_stages_add_up(loaded_models):
     encoded = 0
     for b, n in enumerate(caches.alignments[0].sender_mask.sum(1).tolist()):
         one = caches.sender_caches[0].select([b]).map(lambda t: t[:, :, -n:])  # left padded: real tokens last
-        encoded += kvlib.encode(kvlib.KVCache(one.keys, one.values, n), "bfloat16").payload_bytes
+        encoded += transport.encode(kvlib.KVCache(one.keys, one.values, n), Encoding("bfloat16"), "m").payload_bytes
     trace = engine.fuse(caches).trace
     assert trace.bytes == {engine.links[0]: encoded}
     sent = net.with_transmission(trace, LINK, queries=2)

@@ -53,6 +53,7 @@ EXPECTED = {
             "routed.accuracy.delegation",
         ],
     ),
+    "05_transport_qos": ("transport_qos.json", []),
 }
 
 
@@ -62,6 +63,7 @@ SMOKE = {
     "02_co_c2c": {"train_steps": 4},
     "03_fedrefine": {"train_steps": 4, "eval_limit": 24},
     "04_case_study": {"train_steps": 4, "eval_limit": 24},
+    "05_transport_qos": {"train_steps": 4, "eval_limit": 24, "trace_requests": 40, "real_queries": 4},
 }
 
 
@@ -145,6 +147,8 @@ def test_notebook_runs_with_smoke_parameters(path, tmp_path_factory):
         assert leaks["original"]["private_survival"] == leaks["template swap"]["private_survival"] == 1.0
         assert 0.0 <= leaks["rephrased"]["private_survival"] <= 1.0 and leaks["rephrased"]["n"] == 4 * 24
         assert {r["sent"] for r in metrics["privacy_vs_accuracy"]} == {"original", "rephrased", "template swap"}
+    if path.stem == "05_transport_qos":
+        _check_transport_metrics(metrics)
     if path.stem == "01_c2c":  # the cache probe: one accuracy per layer, sender and receiver
         probes = metrics["cache_probe_last_token"]
         assert len(probes) == 2 and all(0 <= a <= 1 for accs in probes.values() for a in accs)
@@ -153,6 +157,30 @@ def test_notebook_runs_with_smoke_parameters(path, tmp_path_factory):
         assert {"concat: top, last position", "concat: top, all positions"} <= labels, labels
         assert all(_accuracy_ok(v) for v in metrics["ablation_sender_domains"].values())
         assert metrics["c2c_bytes_per_query"] == metrics["bytes_per_token"]["kv"]["bfloat16"]
+
+
+def _check_transport_metrics(metrics: dict) -> None:
+    """05: every option measured on both splits, bytes that shrink with the encoding, the
+    policy's checks as booleans, a compressed encoding chosen on validation."""
+    for split in ("options_val", "options_test"):
+        rows = {r["option"]: r for r in metrics[split]}
+        assert {"standalone", "text: answer relay", "text: background", "kv main · bfloat16"} <= set(rows)
+        assert rows["standalone"]["bytes_per_query"] == 0 and rows["text: answer relay"]["bytes_per_query"] > 0
+        encodings = {r["encoding"]: r for r in rows.values() if r["fuser"] == "main"}
+        f32 = [e for e in encodings if e.startswith("float32")]
+        assert f32, sorted(encodings)
+        for e in f32:  # same layers: twice the bytes of bfloat16, and int4 fewer
+            assert encodings[e]["bytes_per_query"] == pytest.approx(
+                2 * encodings[e.replace("float32", "bfloat16")]["bytes_per_query"]
+            )
+            assert encodings[e.replace("float32", "int4")]["bytes_per_query"] < encodings[e]["bytes_per_query"] / 2
+        assert all(0 <= r["accuracy"] <= 1 and r["compute_s_per_query"] > 0 for r in rows.values())
+    assert [r["option"] for r in metrics["options_val"]] == [r["option"] for r in metrics["options_test"]]
+    assert metrics["compressed_choice"]["reference"] == "kv main · bfloat16"
+    assert set(metrics["qos"]["checks"]) == set(metrics["qos"]["sweep"]) == {"paper's options", "with the answer relay"}
+    for name, checks in metrics["qos"]["checks"].items():
+        assert isinstance(checks["never_worse_than_best_fixed"], bool) and checks["cells"] > 0
+        assert {r["policy"] for r in metrics["qos"]["sweep"][name]} == {"qos policy", "always KV", "always text"}
 
 
 def test_notebook_params_reads_the_parameters_cell():
@@ -258,6 +286,10 @@ def test_c2c_notebooks_run_on_a_profile_of_real_model_classes(real_class_profile
     co = _run_on_real_classes("02_co_c2c", real_class_profile, real_class_root, train_steps=4)
     assert set(co["directions"]) == {"tiny-gemma3->tiny-llama", "tiny-llama->tiny-gemma3"}
     assert all(_accuracy_ok(d["refined"]) for d in co["directions"].values())
+    qos = _run_on_real_classes(
+        "05_transport_qos", real_class_profile, real_class_root, train_steps=4, trace_requests=20, real_queries=2
+    )
+    _check_transport_metrics(qos)  # encodings of a Gemma3 cache (sliding layers) decode and fuse
 
 
 VARIANTS = ("default", "concat", "prefix")  # 03's fusion modes as hub variants
