@@ -139,7 +139,7 @@ def resolve_source(spec: ModelSpec, cache_dir: str | Path | None = None) -> Path
 def load_model(spec: ModelSpec, cache_dir: str | Path | None = None) -> LoadedModel:
     """Load any HF causal LM named by ``spec`` with its tokenizer, in eval mode."""
     from safetensors import SafetensorError
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     if spec.device.startswith("cuda") and not torch.cuda.is_available():
         raise ModelNotAvailableError(
@@ -147,7 +147,7 @@ def load_model(spec: ModelSpec, cache_dir: str | Path | None = None) -> LoadedMo
             "set the spec's `device` to 'cpu' (or run on a GPU machine)."
         )
     source = resolve_source(spec, cache_dir)
-    kwargs = dict(trust_remote_code=spec.trust_remote_code, local_files_only=_offline())
+    kwargs = _from_pretrained_kwargs(spec)
     try:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[spec.dtype], **kwargs)
     except OSError as err:
@@ -157,6 +157,32 @@ def load_model(spec: ModelSpec, cache_dir: str | Path | None = None) -> LoadedMo
             f"Model {spec.name!r}: the weights in {source} cannot be read ({err}): the safetensors file is "
             "truncated or corrupt. Save or download it again."
         ) from err
+    tokenizer = _load_tokenizer(spec, source)
+    return LoadedModel(spec.name, model.to(spec.device).eval(), tokenizer, spec)
+
+
+def load_config_and_tokenizer(spec: ModelSpec, cache_dir: str | Path | None = None):
+    """A model as a peer knows it without its weights: ``(config, tokenizer)`` (what a fuser's
+    pair check and a payload's model id need; ``remote``'s receiver holds senders this way)."""
+    from transformers import AutoConfig
+
+    source = resolve_source(spec, cache_dir)
+    try:
+        config = AutoConfig.from_pretrained(source, **_from_pretrained_kwargs(spec))
+    except OSError as err:
+        raise _not_available(spec, str(err).splitlines()[0]) from err
+    return config, _load_tokenizer(spec, source)
+
+
+def _from_pretrained_kwargs(spec: ModelSpec) -> dict:
+    return dict(trust_remote_code=spec.trust_remote_code, local_files_only=_offline())
+
+
+def _load_tokenizer(spec: ModelSpec, source: Path | str):
+    """The spec's tokenizer (its own ``tokenizer`` or the model's), checked and prepared."""
+    from transformers import AutoTokenizer
+
+    kwargs = _from_pretrained_kwargs(spec)
     tokenizer_source = spec.tokenizer or source
     if spec.tokenizer and spec.kind != "hub" and not Path(spec.tokenizer).expanduser().exists():
         raise ModelNotAvailableError(
@@ -176,7 +202,7 @@ def load_model(spec: ModelSpec, cache_dir: str | Path | None = None) -> LoadedMo
             "token(s) and encodes text to nothing: that directory holds no tokenizer files. Save the tokenizer "
             "there (tokenizer.save_pretrained) or point the spec's `tokenizer` at a directory that has one."
         )
-    return LoadedModel(spec.name, model.to(spec.device).eval(), prepare_tokenizer(tokenizer), spec)
+    return prepare_tokenizer(tokenizer)
 
 
 PLAIN_CHAT_TEMPLATE = (

@@ -191,3 +191,28 @@ def against_fixed(table: pd.DataFrame, policy: str, fixed_policies: Sequence[str
     ``fixed_policies`` (positive: the policy serves more requests right within the budget)."""
     served = table.pivot_table(index=["budget_s", "bandwidth_mbps"], columns="policy", values="served")
     return (served[policy] - served[list(fixed_policies)].max(axis=1)).rename("margin").reset_index()
+
+
+def checks(grid: pd.DataFrame, margin: pd.DataFrame, policy: str = "qos policy", tol: float = 1e-12) -> dict:
+    """What a :func:`sweep` of ``policy`` and :func:`against_fixed`'s ``margin`` show: whether
+    it is never worse than the better fixed protocol, in how many cells it is better or worse,
+    and in how many it chose a KV option (names starting ``kv``)."""
+    m = margin["margin"]
+    chosen = grid[grid["policy"] == policy]["option"]
+    return {
+        "never_worse_than_best_fixed": bool((m >= -tol).all()), "strictly_better_somewhere": bool((m > tol).any()),
+        "cells_better": int((m > tol).sum()), "cells_worse": int((m < -tol).sum()), "cells": len(m),
+        "kv_chosen_cells": int(chosen.str.startswith("kv").sum()),
+    }  # fmt: skip
+
+
+def stream_summary(streams: Mapping[str, pd.DataFrame]) -> dict:
+    """Per policy's :func:`serve` stream: share served, share within budget, options chosen."""
+    return {
+        name: {
+            "served": float(s["served"].mean()),
+            "within_budget": float(s["within_budget"].mean()),
+            "options": s["option"].value_counts().to_dict(),
+        }
+        for name, s in streams.items()
+    }

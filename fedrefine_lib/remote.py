@@ -27,7 +27,6 @@ from types import SimpleNamespace
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoTokenizer
 
 from fedrefine_lib import transport, wire
 from fedrefine_lib.align import Alignment
@@ -35,7 +34,7 @@ from fedrefine_lib.engine import Prefill, encode_receiver, prefill
 from fedrefine_lib.evaluate import score_mcq
 from fedrefine_lib.federation import Caches, FedRefine
 from fedrefine_lib.fuser import load_fuser
-from fedrefine_lib.models import ModelSpec, load_model, prepare_tokenizer, resolve_source
+from fedrefine_lib.models import ModelSpec, load_config_and_tokenizer, load_model
 from fedrefine_lib.prompts import Messages, encode_prompts, holder_view
 from fedrefine_lib.trace import Trace
 from fedrefine_lib.transport import EncodedKV, Encoding
@@ -183,10 +182,8 @@ class ReceiverJob:
 
 def _stand_in(spec: ModelSpec, cache_dir: str | None):
     """A sender as the receiver knows it: name, config and tokenizer, no weights."""
-    source = resolve_source(spec, cache_dir)
-    tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(source, local_files_only=True))
-    model = SimpleNamespace(config=AutoConfig.from_pretrained(source, local_files_only=True))
-    return SimpleNamespace(name=spec.name, model=model, tokenizer=tokenizer)
+    config, tokenizer = load_config_and_tokenizer(spec, cache_dir)
+    return SimpleNamespace(name=spec.name, model=SimpleNamespace(config=config), tokenizer=tokenizer)
 
 
 def serve_receiver(job: ReceiverJob) -> dict[str, Any]:

@@ -199,10 +199,17 @@ def encode(kv: KVCache, encoding: Encoding, model: str) -> EncodedKV:
             else:
                 chunks.append(_quantise(t, encoding.bits, _groups(kind, encoding)))
     payload = b"".join(chunks)
+    sent = encoding.sent(kv.num_layers)
+    first = [shapes[0], shapes[1]]
+    unsent = {  # the zeros decode puts in an unsent layer: shaped like the first sent one, unless
+        str(i): s  # (a sliding layer holding fewer positions) its own shape differs
+        for i in range(kv.num_layers)
+        if i not in sent and (s := [list(kv.keys[i].shape), list(kv.values[i].shape)]) != first
+    }
     header = {
         "format": FORMAT, "model": model, "dtype": encoding.dtype, "keys": encoding.keys,
-        "layers": encoding.sent(kv.num_layers), "num_layers": kv.num_layers, "seq_len": kv.seq_len,
-        "sliding": kv.sliding, "shapes": shapes, "crc32": zlib.crc32(payload),
+        "layers": sent, "num_layers": kv.num_layers, "seq_len": kv.seq_len,
+        "sliding": kv.sliding, "shapes": shapes, "unsent_shapes": unsent, "crc32": zlib.crc32(payload),
     }  # fmt: skip
     return EncodedKV(json.dumps(header, separators=(",", ":")).encode(), payload)
 
@@ -249,9 +256,10 @@ def decode(encoded: EncodedKV, model: str | None = None) -> KVCache:
     keys, values, present = [None] * n, [None] * n, [False] * n
     for j, i in enumerate(header["layers"]):
         keys[i], values[i], present[i] = tensors[2 * j], tensors[2 * j + 1], True
-    like = tensors[0]
-    keys = [k if k is not None else torch.zeros_like(like) for k in keys]
-    values = [v if v is not None else torch.zeros_like(tensors[1]) for v in values]
+    for i in range(n):
+        if not present[i]:
+            k_shape, v_shape = header.get("unsent_shapes", {}).get(str(i), shapes[:2])
+            keys[i], values[i] = torch.zeros(k_shape), torch.zeros(v_shape)
     return KVCache(keys, values, header["seq_len"], header["sliding"], present)
 
 

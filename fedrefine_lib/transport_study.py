@@ -137,6 +137,39 @@ def compressed_choice(val: pd.DataFrame, reference: str, max_fraction: float = 0
     }  # fmt: skip
 
 
+def score_choice(choice: dict, test: Measured, focus: Sequence[str] | None) -> dict:
+    """``choice`` (:func:`compressed_choice`, made on validation) scored once on the test split:
+    its accuracy loss and bytes fraction against the reference, and their paired difference."""
+    if choice["chosen"] is None:
+        return dict(choice)
+    rows = test.table.set_index("option")
+    ref, chosen = rows.loc[choice["reference"]], rows.loc[choice["chosen"]]
+    on = list(focus or [])
+    paired = test.results[choice["chosen"]].where(on).compare(test.results[choice["reference"]].where(on))
+    return {
+        **choice, "test_loss": float(ref["accuracy"] - chosen["accuracy"]),
+        "test_bytes_fraction": float(chosen["bytes_per_query"] / ref["bytes_per_query"]), "paired_test": paired,
+    }  # fmt: skip
+
+
+def encoding_chosen(choice: dict, encodings: Sequence[Encoding], fuser: str = "main") -> Encoding:
+    """The :class:`Encoding` behind ``choice["chosen"]`` (an option of ``fuser``); bfloat16 with
+    every layer when nothing was chosen."""
+    named = {f"kv {fuser} · {e.label}": e for e in encodings}
+    if choice.get("chosen") is None:
+        return Encoding("bfloat16")
+    if choice["chosen"] not in named:
+        chosen = choice["chosen"]
+        raise KeyError(f"The chosen option {chosen!r} is none of fuser {fuser!r}'s encodings: {sorted(named)}.")
+    return named[choice["chosen"]]
+
+
+def with_groups(table: pd.DataFrame) -> pd.DataFrame:
+    """``table`` with a ``group`` column for plots: ``kv <fuser>`` for KV rows, else the option."""
+    kv = table["fuser"].notna()
+    return table.assign(group=("kv " + table["fuser"].astype(str)).where(kv, table["option"]))
+
+
 def pareto(table: pd.DataFrame) -> pd.DataFrame:
     """The options no other option beats on both accuracy and bytes (sorted by bytes)."""
     t = table.sort_values(["bytes_per_query", "accuracy"], ascending=[True, False])

@@ -169,11 +169,13 @@ def _check_transport_metrics(metrics: dict) -> None:
         encodings = {r["encoding"]: r for r in rows.values() if r["fuser"] == "main"}
         f32 = [e for e in encodings if e.startswith("float32")]
         assert f32, sorted(encodings)
-        for e in f32:  # same layers: twice the bytes of bfloat16, and int4 fewer
+        for e in f32:  # same layers: twice the bytes of bfloat16; the better int4 key grouping under half
+            # (per-channel key scales cost more than the data when one position is sent: the smoke shapes)
             assert encodings[e]["bytes_per_query"] == pytest.approx(
                 2 * encodings[e.replace("float32", "bfloat16")]["bytes_per_query"]
             )
-            assert encodings[e.replace("float32", "int4")]["bytes_per_query"] < encodings[e]["bytes_per_query"] / 2
+            int4 = [encodings[e.replace("float32", g)]["bytes_per_query"] for g in ("int4", "int4/keys-token")]
+            assert min(int4) < encodings[e]["bytes_per_query"] / 2, (e, int4)
         assert all(0 <= r["accuracy"] <= 1 and r["compute_s_per_query"] > 0 for r in rows.values())
     assert [r["option"] for r in metrics["options_val"]] == [r["option"] for r in metrics["options_test"]]
     assert metrics["compressed_choice"]["reference"] == "kv main · bfloat16"

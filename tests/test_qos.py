@@ -57,7 +57,14 @@ def test_the_policy_serves_at_least_as_well_as_either_fixed_protocol():
     assert len(margin) == 4 and (margin["margin"] >= 0).all()
     at = margin.set_index(["budget_s", "bandwidth_mbps"])["margin"]
     assert at[(0.5, 0.1)] == pytest.approx(0.3) and at[(2.0, 80.0)] == 0  # standalone beats missing; kv meets
+    c = qos.checks(grid, margin, "qos")
+    assert c["never_worse_than_best_fixed"] and c["cells"] == 4 and c["cells_worse"] == 0
+    assert c["cells_better"] == int((margin["margin"] > 0).sum()) >= 1
+    assert c["kv_chosen_cells"] == int((grid[grid["policy"] == "qos"]["option"] == "kv").sum())
+    assert not qos.checks(grid, margin.assign(margin=margin["margin"] - 1), "qos")["never_worse_than_best_fixed"]
     stream = qos.serve(qos.choose, options, qos.bandwidth_trace(30, 0.1, 80.0), 0.5, correct)
+    summary = qos.stream_summary({"qos": stream})["qos"]
+    assert summary["served"] == stream["served"].mean() and sum(summary["options"].values()) == 30
     assert set(stream["option"]) <= {"kv", "text", "standalone"} and stream["within_budget"].all()
     with pytest.raises(KeyError, match="no test correctness"):
         qos.serve(qos.choose, options, [LINK], 1.0, {"kv": [True]})

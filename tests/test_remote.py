@@ -12,6 +12,7 @@ from conftest import save_model_dir
 from fedrefine_lib import federation, remote, transport, wire
 from fedrefine_lib.evaluate import score_mcq
 from fedrefine_lib.fuser import BlockFuser, FuserConfig, load_fuser
+from fedrefine_lib.kv import KVCache
 from fedrefine_lib.models import ModelSpec, load_model
 from fedrefine_lib.trace import Trace
 from fedrefine_lib.transport import Encoding
@@ -59,7 +60,7 @@ def _die(*_args) -> None:
 
 
 def test_pack_round_trip_and_bad_replies():
-    kv = transport.KVCache([torch.randn(1, 2, 3, 4)], [torch.randn(1, 2, 3, 4)], 3)
+    kv = KVCache([torch.randn(1, 2, 3, 4)], [torch.randn(1, 2, 3, 4)], 3)
     enc = transport.encode(kv, Encoding("int8"), "m")
     data = remote.pack([enc, None], {"sender": "s"})
     back, meta = remote.unpack(data)
@@ -101,7 +102,7 @@ def test_a_dead_sender_is_a_recorded_fallback_to_the_others(pair_dirs):
 
 
 def test_a_foreign_or_corrupt_payload_is_refused_not_fused():
-    kv = transport.KVCache([torch.randn(1, 2, 3, 4)], [torch.randn(1, 2, 3, 4)], 3)
+    kv = KVCache([torch.randn(1, 2, 3, 4)], [torch.randn(1, 2, 3, 4)], 3)
     engine = remote.RemoteFedRefine(None, None, {}, {"s1": "s1:1x2x4"})
 
     def reply(model: str, flip: bool = False, sender: str = "s1") -> wire.Reply:

@@ -62,6 +62,16 @@ def test_float_round_trips_are_exact_and_quantisation_error_is_bounded():
     assert small < transport.encode(big, Encoding("bfloat16"), "m").payload_bytes / 3.5
 
 
+def test_unsent_layers_decode_to_zeros_of_their_own_shape():
+    kv = cache(seq=5)
+    kv.keys[1], kv.values[1] = kv.keys[1][:, :, -3:], kv.values[1][:, :, -3:]  # a sliding layer keeping 3
+    kv.sliding = [False, True, False]
+    back = transport.decode(transport.encode(kv, Encoding("int8", layers=(0, 2)), "m"), "m")
+    assert back.present == [True, False, True] and back.sliding == kv.sliding
+    assert back.keys[1].shape == (1, 2, 3, 8) and back.values[1].shape == (1, 2, 3, 8)
+    assert not back.keys[1].any() and back.keys[2].shape == kv.keys[2].shape
+
+
 def test_bad_payloads_are_errors_never_a_wrong_cache():
     enc = transport.encode(cache(), Encoding("int8"), "sender-a:3x2x8")
     with pytest.raises(PayloadError, match="truncated"):
@@ -96,11 +106,22 @@ def test_layer_budgets_rank_by_gate_and_read_layers_follow_the_map(loaded_models
     fuser = BlockFuser(FuserConfig.for_pair(r, s, kind="concat", hidden=8, layer_map="top"))
     assert transport.read_layers(fuser) == [fuser.config.sender_layers - 1]
     fuser = BlockFuser(FuserConfig.for_pair(r, s, kind="concat", hidden=8))
+    read, layer_map = transport.read_layers(fuser), fuser.config.layer_map
+    assert len(read) >= 3, "the test needs a fuser reading three sender layers"
+    middle, bottom = read[len(read) // 2], read[0]
+    logits = torch.full((fuser.config.receiver_layers, 2), -6.0)  # every gate shut ...
+    logits[[t for t, s in enumerate(layer_map) if s == middle]] = 6.0  # ... but the middle layer's readers
+    logits[[t for t, s in enumerate(layer_map) if s == bottom]] = 0.0  # half open
     with torch.no_grad():
-        fuser.gate_logits.copy_(torch.linspace(-3, 3, fuser.config.receiver_layers)[:, None].expand(-1, 2))
-    top = transport.layers_by_gate(fuser, 1)
-    assert top == [fuser.config.layer_map[-1]]
-    assert len(transport.layers_by_gate(fuser, 99)) == len(transport.read_layers(fuser))
+        fuser.gate_logits.copy_(logits)
+    assert transport.layers_by_gate(fuser, 1) == [middle]  # not the top layer: the gates decide
+    assert transport.layers_by_gate(fuser, 2) == sorted([middle, bottom])
+    with torch.no_grad():
+        fuser.gate_logits.zero_()  # all equal: ties go to the deeper layers
+    assert transport.layers_by_gate(fuser, 2) == read[-2:]
+    assert transport.layers_by_gate(fuser, 99) == read
+    with pytest.raises(ValueError, match="budget"):
+        transport.layers_by_gate(fuser, 0)
 
 
 def _engine(loaded_models, kind, **kw):
