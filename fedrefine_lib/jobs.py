@@ -15,6 +15,8 @@ from .prompts import Record
 from .train import TrainConfig
 
 _VOLATILE = {"progress", "loss_curve_path"}  # training settings that do not change the result
+_NEWER = {"max_record_tokens": None}  # settings added later: left out at their default, so fusers
+# stored before they existed keep their recipe
 
 BLOCK_ONLY_OPTIONS: tuple[str, ...] = ("sender_positions",)
 """``FuserConfig`` options that only concat and prefix (block) fusers take."""
@@ -34,7 +36,9 @@ def recipe(
 ) -> dict[str, Any]:
     """What determines a trained fuser, as JSON data (``models``: role -> fingerprint;
     ``world``: the fingerprint of the world config the models and data come from)."""
-    train = {k: v for k, v in train_config.to_dict().items() if k not in _VOLATILE}
+    train = {
+        k: v for k, v in train_config.to_dict().items() if k not in _VOLATILE and not (k in _NEWER and v == _NEWER[k])
+    }
     made = {"fuser": fuser_config.to_dict(), "train": train, "data": data_hash, "models": models or {}, "world": world}
     return as_json(made)
 

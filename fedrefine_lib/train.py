@@ -22,6 +22,7 @@ import dataclasses
 import json
 import math
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +51,9 @@ class TrainConfig:
         warmup_ratio: linear warm-up fraction of the steps, then linear decay to 0.
         grad_clip: max global gradient norm.
         epochs, batch_size, max_steps: schedule (``max_steps`` caps the total).
+        max_record_tokens: leave out records whose chat rendering is longer than this many
+            tokens in any of the models' tokenizers (padded batches of long records are what
+            exhaust GPU memory); how many were left out is warned and kept in the result.
         seed: seeds record order, Gumbel noise and dropout.
         tau_start, tau_end: Gumbel-gate temperature, annealed exponentially per step.
         cache_prompts: compute each batch's sender/receiver prompt caches once and reuse
@@ -68,6 +72,7 @@ class TrainConfig:
     epochs: int = 1
     batch_size: int = 8
     max_steps: int | None = None
+    max_record_tokens: int | None = None
     seed: int = 42
     tau_start: float = 1.0
     tau_end: float = 0.001
@@ -101,6 +106,7 @@ class TrainResult:
     steps: int
     seconds: float
     gate_logits: list[list[float]] = field(default_factory=list)
+    records_dropped: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -110,6 +116,37 @@ class TrainResult:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(self.to_dict(), indent=2))
         return path
+
+
+def within_length(records: Sequence[Record], tokenizers: Sequence, config: TrainConfig) -> tuple[list[Record], int]:
+    """The records no longer than ``config.max_record_tokens`` in every tokenizer (all when it
+    is None), and how many were left out (warned: nothing is dropped silently).
+
+    Raises:
+        ValueError: every record is too long (the cap, not the data, is then wrong).
+    """
+    cap = config.max_record_tokens
+    if cap is None:
+        return list(records), 0
+
+    def length(tok, record: Record) -> int:
+        text = tok.apply_chat_template(shared_view(record), tokenize=False)
+        return len(tok(text, add_special_tokens=False)["input_ids"])
+
+    kept = [r for r in records if all(length(tok, r) <= cap for tok in tokenizers)]
+    dropped = len(records) - len(kept)
+    if not kept:
+        raise ValueError(
+            f"All {len(records)} training records are longer than max_record_tokens={cap}; raise the cap "
+            "(train.max_record_tokens in the profile) or use shorter records."
+        )
+    if dropped:
+        warnings.warn(
+            f"{dropped} of {len(records)} training records are longer than max_record_tokens={cap} and are "
+            "left out of training (TrainResult.records_dropped).",
+            stacklevel=2,
+        )
+    return kept, dropped
 
 
 # ---------------------------------------------------------------------------- losses
@@ -265,6 +302,7 @@ def train_fuser(
     for m in (receiver, sender):
         freeze(m.model).to(accelerator.device)
     fuser.float().to(accelerator.device).train()
+    records, dropped = within_length(records, [receiver.tokenizer, sender.tokenizer], config)
     fixed = batches(len(records), config)
     tok, stops = receiver.tokenizer, stop_token_ids(receiver)
     cached: dict[int, tuple[Caches, torch.Tensor, torch.Tensor]] = {}
@@ -293,6 +331,7 @@ def train_fuser(
                  desc="fuser training", accelerator=accelerator, on_step=anneal)  # fmt: skip
     result.config = config.to_dict()
     result.gate_logits = fuser.gate_logits.detach().cpu().tolist()
+    result.records_dropped = dropped
     if config.loss_curve_path and accelerator.is_main_process:
         result.save(config.loss_curve_path)
     return result
@@ -320,6 +359,7 @@ def finetune_receiver(receiver, records: Sequence[Record], config: TrainConfig |
     model = tuned.model.float().to(accelerator.device)
     model.requires_grad_(True)
     model.train()
+    records, dropped = within_length(records, [receiver.tokenizer], config)
     fixed = batches(len(records), config)
     tok, stops = receiver.tokenizer, stop_token_ids(receiver)
 
@@ -338,5 +378,6 @@ def finetune_receiver(receiver, records: Sequence[Record], config: TrainConfig |
         return loss_of
 
     result = fit(model, len(fixed), make_loss, config, desc="receiver fine-tuning", accelerator=accelerator)
+    result.records_dropped = dropped
     freeze(model)
     return tuned, result

@@ -3,6 +3,7 @@
 import copy
 import json
 import random
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -144,3 +145,25 @@ def test_finetune_receiver_learns_the_records_on_a_copy(tiny_models):
     assert not any(p.requires_grad for p in tuned.model.parameters())
     with pytest.raises(ValueError, match="No training records"):
         train.finetune_receiver(receiver, [])
+
+
+def test_records_over_the_length_cap_are_left_out_counted_and_warned(qwen_tokenizer):
+    from fedrefine_lib.jobs import recipe
+
+    short = records(3, 0)
+    long = [[{"role": "user", "content": " ".join(FILLER * 10)}, {"role": "assistant", "content": "fox"}]]
+    kept, dropped = train.within_length(short + long, [qwen_tokenizer], train.TrainConfig())
+    assert dropped == 0 and kept == short + long  # no cap: every record
+    longest = max(len(qwen_tokenizer.apply_chat_template(r, tokenize=False)) for r in short)  # chars >= tokens
+    with pytest.warns(UserWarning, match="1 of 4 training records"):
+        kept, dropped = train.within_length(
+            short + long, [qwen_tokenizer], train.TrainConfig(max_record_tokens=longest)
+        )
+    assert kept == short and dropped == 1
+    with pytest.raises(ValueError, match="max_record_tokens"):
+        train.within_length(long, [qwen_tokenizer], train.TrainConfig(max_record_tokens=5))
+    # a fuser stored before the cap existed keeps its recipe; a capped one is another recipe
+    config = SimpleNamespace(to_dict=lambda: {"kind": "concat"})  # the fuser part does not matter here
+    plain = recipe(config, train.TrainConfig(), "h")
+    assert "max_record_tokens" not in plain["train"]
+    assert recipe(config, train.TrainConfig(max_record_tokens=512), "h")["train"]["max_record_tokens"] == 512
