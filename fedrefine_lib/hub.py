@@ -48,6 +48,7 @@ from .jobs import (
     records_hash,
 )
 from .prompts import Record
+from .ranks import first_rank_locked, from_first_rank, launch_state
 from .store import check_name, lock_path, locked, publish, quarantine, reading, staging_dir
 from .train import TrainConfig, TrainResult, train_fuser
 
@@ -296,25 +297,36 @@ class FuserHub:
         config = FuserConfig.for_pair(receiver, sender, kind=kind, **fuser_options)
         wanted = self.recipe_for(receiver, sender, records, train_config, kind, **fuser_options)
         directory = self.pair_dir(sender.name, receiver.name, variant)
-        with locked(lock_path(directory, "train")):  # one trainer of a pair; the next one reuses its fuser
-            key = self.key(sender.name, receiver.name, variant)
-            if directory.exists():
-                try:
-                    if (stored := self._load(sender, receiver, variant, wanted)) is not None:
-                        if self.index().get(key, {}).get("recipe") != stored[1]["recipe"]:  # a writer died before
-                            self._index_entry(stored[0], stored[1], variant)  # its index update: redo it
-                        return stored
-                except FuserLoadError as err:  # corrupt or incomplete: set aside, train again
-                    quarantine(directory, f"{type(err).__name__}: {err}")
+        ranks = launch_state(train_config.cpu)  # every rank of a launch trains; the first locks, writes
+        with first_rank_locked(lock_path(directory, "train"), ranks):  # one trainer per pair; the next reuses it
+            stored = self._reusable(sender, receiver, variant, wanted) if ranks.is_main_process else None
+            if from_first_rank(stored is not None, ranks):  # every rank decides alike
+                return stored if ranks.is_main_process else self._load(sender, receiver, variant, wanted)
             torch.manual_seed(train_config.seed)  # the fuser's initial weights are part of the recipe
             fuser = build_fuser(config)
             result = train_fuser(
                 receiver, sender, fuser, records, replace(train_config, loss_curve_path=None), aligner=config.aligner
             )
-            self.put(fuser.eval(), result, wanted, variant)
+            if ranks.is_main_process:
+                self.put(fuser.eval(), result, wanted, variant)
+            ranks.wait_for_everyone()
             stored = self._load(sender, receiver, variant, wanted)
             assert stored is not None  # just published, under this pair's training lock
             return stored
+
+    def _reusable(self, sender, receiver, variant: str, wanted: dict[str, Any]) -> tuple[Fuser, dict] | None:
+        """The stored fuser of recipe ``wanted``, or None (a corrupt one is quarantined)."""
+        if not self.pair_dir(sender.name, receiver.name, variant).exists():
+            return None
+        try:
+            stored = self._load(sender, receiver, variant, wanted)
+        except FuserLoadError as err:  # corrupt or incomplete: set aside, train again
+            quarantine(self.pair_dir(sender.name, receiver.name, variant), f"{type(err).__name__}: {err}")
+            return None
+        entry = self.index().get(self.key(sender.name, receiver.name, variant), {})
+        if stored is not None and entry.get("recipe") != stored[1]["recipe"]:  # a writer died before its
+            self._index_entry(stored[0], stored[1], variant)  # index update: redo it
+        return stored
 
     def recipe_for(
         self,

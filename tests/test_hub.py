@@ -78,6 +78,49 @@ def test_train_missing_in_worker_processes_matches_one_by_one(tmp_path, pair):
         FuserHub(tmp_path / "other").train_missing(local.get, jobs, RECORDS, train_config=cfg, workers=2)
 
 
+def _rank_trains(root: str, specs: dict, cfg: TrainConfig) -> None:
+    """One rank of an ``accelerate launch``-like run: get or train the pair's fuser twice."""
+    import os
+
+    from fedrefine_lib.ranks import launch_state
+
+    rank = int(os.environ["RANK"])
+    os.environ.update(LOCAL_RANK=str(rank), ACCELERATE_USE_CPU="true")  # what `accelerate launch --cpu` sets
+    assert launch_state().num_processes == 2
+    receiver, sender = load_model(specs["tiny-qwen3"]), load_model(specs["tiny-llama"])
+    hub = FuserHub(Path(root) / "hub")
+    runs = [
+        hub.get_or_train(receiver, sender, RECORDS, train_config=cfg, variant="concat", kind="concat", hidden=8)
+        for _ in range(2)
+    ]
+    out = [{"weights": [float(p.sum()) for p in f.parameters()], "seconds": r["seconds"]} for f, r in runs]
+    (Path(root) / f"rank{rank}.json").write_text(json.dumps(out))
+
+
+@pytest.mark.slow
+def test_every_rank_of_a_launch_trains_a_missing_fuser_once_and_nothing_hangs(tmp_path, pair):
+    """Under several ranks (``accelerate launch``) the first holds the pair's training lock and
+    every rank trains beside it (had each waited for the lock, the first would wait for them in
+    its first all-reduce: the run hung); all end with the one stored fuser, then reuse it."""
+    from functools import partial
+
+    from fedrefine_lib import wire
+
+    specs = {}
+    for m in pair:
+        m.model.save_pretrained(tmp_path / m.name)
+        m.tokenizer.save_pretrained(tmp_path / m.name)
+        specs[m.name] = ModelSpec(m.name, str(tmp_path / m.name))
+    cfg = TrainConfig(lr=1e-2, max_steps=2, batch_size=1, progress=False)
+    wire.launch([partial(_rank_trains, str(tmp_path), specs, cfg)] * 2, timeout_s=120)  # the old lock hung here
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0] == ranks[1]  # the same fuser and training record on every rank, both times
+    assert ranks[0][0] == ranks[0][1]  # the second call reused the stored fuser
+    hub = FuserHub(tmp_path / "hub")
+    assert list(hub.index()) == ["tiny-llama->tiny-qwen3/concat"]
+    assert hub.training("tiny-llama", "tiny-qwen3", "concat")["steps"] == 2
+
+
 def test_missing_pair_error_names_it(tmp_path, pair):
     receiver, sender = pair
     hub = FuserHub(tmp_path / "hub")
