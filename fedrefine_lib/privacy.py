@@ -1,0 +1,121 @@
+"""What an eavesdropper recovers from a transmitted cache: inversion with the sender's weights.
+
+Attack (a) of the privacy study ("Shadow in the Cache"): whoever holds the sender's weights
+and one query's transmitted cache recovers its tokens left to right. At position ``t``, with
+the tokens ``x_<t`` already recovered, every candidate token ``v`` is run through the model
+after ``x_<t`` and its key and value at ``layer`` are compared with the transmitted ones; the
+nearest candidate is ``x_t``. The model is run only up to ``layer`` (a hook stops it there), so a
+shallow layer costs a fraction of a forward pass per candidate. A lossy encoding
+(``transport``'s int8/int4) or added noise moves the transmitted tensors away from every
+candidate's; the nearest one is still taken, and the recovery measures say how often it is right.
+
+Shapes: ``H`` KV heads, ``S`` positions, ``D`` head dim, ``V`` candidates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from transformers import DynamicCache
+
+from fedrefine_lib.kv import KVCache
+
+
+class _Reached(Exception):
+    """Raised by the hook on the attacked layer: the forward pass has what it needs."""
+
+
+def _layer_kv(
+    model: torch.nn.Module, layer: int, input_ids: torch.Tensor, cache: DynamicCache, start: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run ``input_ids`` ``[B, N]`` at positions ``start..`` after ``cache`` up to ``layer``;
+    returns that layer's keys and values of the new positions ``[B, H, N, D]``."""
+    decoder = model.get_decoder()
+    hook = decoder.layers[layer].register_forward_hook(lambda *_: (_ for _ in ()).throw(_Reached()))
+    positions = torch.arange(start, start + input_ids.shape[1])[None].expand(input_ids.shape[0], -1)
+    try:
+        decoder(input_ids=input_ids, cache=cache, position_ids=positions, use_cache=True)
+    except _Reached:
+        pass
+    finally:
+        hook.remove()
+    n = input_ids.shape[1]
+    return cache.layers[layer].keys[:, :, -n:], cache.layers[layer].values[:, :, -n:]
+
+
+def _replicated(prefix: DynamicCache, upto: int, batch: int) -> DynamicCache:
+    """A fresh cache holding ``prefix``'s layers ``0..upto`` repeated ``batch`` times."""
+    out = DynamicCache()
+    for i in range(upto + 1):
+        layer = prefix.layers[i] if i < len(prefix.layers) else None
+        if layer is None or getattr(layer, "keys", None) is None or layer.keys.numel() == 0:
+            return DynamicCache()  # no prefix yet (position 0)
+        out.update(layer.keys.expand(batch, -1, -1, -1), layer.values.expand(batch, -1, -1, -1), i)
+    return out
+
+
+@torch.no_grad()
+def invert_cache(
+    model: torch.nn.Module,
+    sent: KVCache,
+    layer: int = 0,
+    candidates: Sequence[int] | None = None,
+    chunk: int = 1024,
+) -> list[int]:
+    """Recover the token ids of one query's transmitted cache (greedy, left to right).
+
+    Args:
+        model: the sender's causal LM (the attacker holds its weights).
+        sent: the transmitted cache, batch 1, per layer ``[1, H, S, D]`` (decoded, any encoding);
+            ``layer`` must be present in it.
+        layer: the sender layer matched against (shallow layers invert best).
+        candidates: token ids tried at each position (default: the whole vocabulary).
+        chunk: candidates run at once.
+    Returns:
+        ``S`` recovered token ids.
+    """
+    if sent.batch_size != 1:
+        raise ValueError(f"invert_cache takes one query's cache (batch 1), got batch {sent.batch_size}.")
+    if not sent.present[layer]:
+        raise ValueError(f"Layer {layer} was not transmitted; attack a layer the payload holds: "
+                         f"{[i for i, p in enumerate(sent.present) if p]}.")  # fmt: skip
+    model.eval()
+    device = next(model.parameters()).device
+    vocab = torch.tensor(
+        list(candidates) if candidates is not None else range(model.config.get_text_config().vocab_size)
+    )
+    target_k, target_v = sent.keys[layer][0].float().to(device), sent.values[layer][0].float().to(device)  # [H, S, D]
+    recovered: list[int] = []
+    prefix = DynamicCache()
+    for t in range(target_k.shape[1]):
+        best, best_d = -1, float("inf")
+        for ids in vocab.split(chunk):
+            cache = _replicated(prefix, layer, len(ids))
+            k, v = _layer_kv(model, layer, ids[:, None].to(device), cache, t)  # [V, H, 1, D]
+            d = (k[:, :, 0].float() - target_k[:, t]).pow(2).sum((1, 2)) + (v[:, :, 0].float() - target_v[:, t]).pow(
+                2
+            ).sum((1, 2))  # [V]
+            i = int(d.argmin())
+            if float(d[i]) < best_d:
+                best, best_d = int(ids[i]), float(d[i])
+        recovered.append(best)
+        prefix = DynamicCache()  # the prefix's own cache, rebuilt with the recovered token appended
+        _layer_kv(model, layer, torch.tensor([recovered], device=device), prefix, 0)
+    return recovered
+
+
+def token_recovery(true_ids: Sequence[int], recovered: Sequence[int]) -> float:
+    """Share of positions whose token was recovered exactly."""
+    if len(true_ids) != len(recovered) or not true_ids:
+        raise ValueError(f"Compare equal, non-empty sequences ({len(true_ids)} vs {len(recovered)} tokens).")
+    return sum(a == b for a, b in zip(true_ids, recovered)) / len(true_ids)
+
+
+def string_recovery(private: Sequence[str], recovered_text: str) -> float:
+    """Share of the query's private strings (names, identifiers) found in the recovered text
+    (case-insensitive); 0 when there are none to find is not defined: an error."""
+    if not private:
+        raise ValueError("No private strings given: there is nothing whose recovery could be measured.")
+    text = recovered_text.lower()
+    return sum(p.lower() in text for p in private) / len(private)
