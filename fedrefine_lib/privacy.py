@@ -16,10 +16,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import pandas as pd
 import torch
 from transformers import DynamicCache
 
 from fedrefine_lib.kv import KVCache
+from fedrefine_lib.prompts import render
+from fedrefine_lib.transport import Encoding, decode, encode
 
 
 class _Reached(Exception):
@@ -119,3 +122,37 @@ def string_recovery(private: Sequence[str], recovered_text: str) -> float:
         raise ValueError("No private strings given: there is nothing whose recovery could be measured.")
     text = recovered_text.lower()
     return sum(p.lower() in text for p in private) / len(private)
+
+
+def sent_cache(model: torch.nn.Module, tokenizer, messages) -> tuple[list[int], KVCache]:
+    """The token ids a sender renders for ``messages`` (its chat template, generation prompt)
+    and the cache of its prefill that it would transmit (every position, float32)."""
+    ids = render(tokenizer, messages).ids
+    cache = DynamicCache()
+    with torch.no_grad():
+        model(input_ids=torch.tensor([ids], device=next(model.parameters()).device), cache=cache, use_cache=True)
+    return ids, KVCache.from_cache(cache).map(lambda t: t.float().cpu())
+
+
+def attack_table(
+    model, tokenizer, queries: Sequence, encodings: Sequence[Encoding], layer: int = 0,
+    private: Sequence[Sequence[str]] | None = None,
+) -> pd.DataFrame:  # fmt: skip
+    """Attack (a) on each query's cache sent in each encoding: one row per encoding with the
+    mean token recovery, the share of queries recovered exactly and (``private``: per query
+    its private strings) the share of private strings found in the recovered text."""
+    sent = [sent_cache(model, tokenizer, q) for q in queries]
+    rows = []
+    for enc in encodings:
+        tokens, exact, found = [], [], []
+        for i, (ids, kv) in enumerate(sent):
+            got = invert_cache(model, decode(encode(kv, enc, "attacked")), layer=layer)
+            tokens.append(token_recovery(ids, got))
+            exact.append(got == ids)
+            if private is not None and private[i]:
+                found.append(string_recovery(private[i], tokenizer.decode(got)))
+        rows.append({
+            "encoding": enc.label, "layer": layer, "queries": len(sent), "token_recovery": sum(tokens) / len(tokens),
+            "exact_query": sum(exact) / len(exact), "private_recovery": sum(found) / len(found) if found else None,
+        })  # fmt: skip
+    return pd.DataFrame(rows)

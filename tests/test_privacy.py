@@ -4,7 +4,6 @@ crafted cases."""
 
 import pytest
 import torch
-from transformers import DynamicCache
 
 from fedrefine_lib import privacy, transport
 from fedrefine_lib.kv import KVCache
@@ -14,11 +13,9 @@ QUERY = [{"role": "user", "content": "Where does Ada Varga keep the zorblat crys
 
 
 def _sent(model, tok) -> tuple[list[int], KVCache]:
-    text = tok.apply_chat_template(QUERY, tokenize=False, add_generation_prompt=True)
-    ids = tok(text, add_special_tokens=False)["input_ids"]
-    with torch.no_grad():
-        out = model(input_ids=torch.tensor([ids]), cache=DynamicCache(), use_cache=True)
-    return ids, KVCache.from_cache(out.past_key_values)
+    ids, kv = privacy.sent_cache(model, tok, QUERY)
+    assert tok.decode(ids).count("Ada Varga") == 1 and kv.seq_len == len(ids)
+    return ids, kv
 
 
 @pytest.mark.parametrize("name", ["llama", "qwen3", "gemma3"])
@@ -50,3 +47,14 @@ def test_measures_on_crafted_cases():
         privacy.token_recovery([1, 2], [1])
     with pytest.raises(ValueError, match="No private strings"):
         privacy.string_recovery([], "x")
+
+
+def test_the_attack_table_has_a_row_per_encoding(tiny_models):
+    model, tok = tiny_models["llama"]
+    other = [{"role": "user", "content": "Is B-1234 Ada's locker?"}]
+    encodings = [Encoding("float32"), Encoding("int4")]
+    table = privacy.attack_table(model, tok, [QUERY, other], encodings, private=[["Ada Varga"], ["B-1234"]])
+    assert table["encoding"].tolist() == ["float32", "int4"] and (table["queries"] == 2).all()
+    f32 = table.iloc[0]
+    assert f32["token_recovery"] == f32["exact_query"] == f32["private_recovery"] == 1.0
+    assert table.iloc[1]["token_recovery"] <= 1.0
