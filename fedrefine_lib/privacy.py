@@ -21,7 +21,7 @@ import torch
 from transformers import DynamicCache
 
 from fedrefine_lib.kv import KVCache
-from fedrefine_lib.prompts import render
+from fedrefine_lib.prompts import holder_view, render
 from fedrefine_lib.transport import Encoding, decode, encode
 
 
@@ -125,9 +125,9 @@ def string_recovery(private: Sequence[str], recovered_text: str) -> float:
 
 
 def sent_cache(model: torch.nn.Module, tokenizer, messages) -> tuple[list[int], KVCache]:
-    """The token ids a sender renders for ``messages`` (its chat template, generation prompt)
-    and the cache of its prefill that it would transmit (every position, float32)."""
-    ids = render(tokenizer, messages).ids
+    """The token ids a sender renders for ``messages`` as their holder (its private context
+    included: the cache it transmits was built over it) and that cache (every position, float32)."""
+    ids = render(tokenizer, holder_view(messages)).ids
     cache = DynamicCache()
     with torch.no_grad():
         model(input_ids=torch.tensor([ids], device=next(model.parameters()).device), cache=cache, use_cache=True)

@@ -51,7 +51,7 @@ def test_measures_on_crafted_cases():
 
 def test_the_attack_table_has_a_row_per_encoding(tiny_models):
     model, tok = tiny_models["llama"]
-    other = [{"role": "user", "content": "Is B-1234 Ada's locker?"}]
+    other = [{"role": "context", "content": "Locker B-1234 is Ada's."}, {"role": "user", "content": "Whose locker?"}]
     encodings = [Encoding("float32"), Encoding("int4")]
     table = privacy.attack_table(model, tok, [QUERY, other], encodings, private=[["Ada Varga"], ["B-1234"]])
     assert table["encoding"].tolist() == ["float32", "int4"] and (table["queries"] == 2).all()
