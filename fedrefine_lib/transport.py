@@ -10,7 +10,10 @@ An :class:`Encoding` says how one query's cache is sent:
 - ``layers``: the sender layers sent (None: all). A receiver layer whose fuser reads an unsent
   layer gets no fusion (its block or residual is zero, as under a closed gate);
   :func:`read_layers` gives the layers a fuser reads (sending only those is lossless) and
-  :func:`layers_by_gate` a smaller budget ranked by the fuser's gates.
+  :func:`layers_by_gate` a smaller budget ranked by the fuser's gates;
+- ``noise``: a privacy defence (``fedrefine_lib.privacy``): the sender adds Gaussian noise of
+  standard deviation ``noise`` times each tensor's RMS (per layer, keys and values apart)
+  before encoding, drawn from torch's global generator (seed it for a reproducible run).
 
 Which prompt positions are sent is the fuser's ``sender_positions`` (the engine cuts the cache
 before encoding). :func:`encode` works on one query (``B = 1``), so a batch's padding is never
@@ -84,11 +87,13 @@ class Encoding:
         keys: quantised keys' scale groups: ``channel`` (one per channel over a query's tokens,
             KIVI) or ``token`` (one per token and head, like the values).
         layers: sender layers sent, sorted; None: every layer.
+        noise: relative standard deviation of the Gaussian noise added before encoding (0: none).
     """
 
     dtype: str = "bfloat16"
     keys: str = "channel"
     layers: tuple[int, ...] | None = None
+    noise: float = 0.0
 
     def __post_init__(self) -> None:
         if self.dtype not in QUANTISED:
@@ -100,6 +105,8 @@ class Encoding:
             if not layers or layers[0] < 0:
                 raise ValueError(f"Encoding layers must be non-negative layer indices, got {self.layers!r}.")
             object.__setattr__(self, "layers", layers)
+        if not (math.isfinite(self.noise) and self.noise >= 0):
+            raise ValueError(f"Encoding noise is a relative standard deviation >= 0, got {self.noise!r}.")
 
     @property
     def bits(self) -> int | None:
@@ -109,10 +116,11 @@ class Encoding:
     @property
     def label(self) -> str:
         name = self.dtype + (f"/keys-{self.keys}" if self.bits and self.keys != "channel" else "")
-        return name + ("" if self.layers is None else f", {len(self.layers)} layers")
+        name += "" if self.layers is None else f", {len(self.layers)} layers"
+        return name + (f", noise {self.noise:g}" if self.noise else "")
 
     def with_layers(self, layers: Sequence[int] | None) -> Encoding:
-        return Encoding(self.dtype, self.keys, None if layers is None else tuple(layers))
+        return Encoding(self.dtype, self.keys, None if layers is None else tuple(layers), self.noise)
 
     def sent(self, num_layers: int) -> list[int]:
         """The sender layers this encoding sends for a model of ``num_layers``."""
@@ -191,6 +199,8 @@ def encode(kv: KVCache, encoding: Encoding, model: str) -> EncodedKV:
     for i in encoding.sent(kv.num_layers):
         for kind, t in (("keys", kv.keys[i]), ("values", kv.values[i])):
             t = t.detach().to("cpu")
+            if encoding.noise:
+                t = t.float() + encoding.noise * t.float().pow(2).mean().sqrt() * torch.randn(t.shape)
             shapes.append(list(t.shape))
             if encoding.bits is None:
                 chunks.append(
@@ -208,7 +218,7 @@ def encode(kv: KVCache, encoding: Encoding, model: str) -> EncodedKV:
     }
     header = {
         "format": FORMAT, "model": model, "dtype": encoding.dtype, "keys": encoding.keys,
-        "layers": sent, "num_layers": kv.num_layers, "seq_len": kv.seq_len,
+        "layers": sent, "noise": encoding.noise, "num_layers": kv.num_layers, "seq_len": kv.seq_len,
         "sliding": kv.sliding, "shapes": shapes, "unsent_shapes": unsent, "crc32": zlib.crc32(payload),
     }  # fmt: skip
     return EncodedKV(json.dumps(header, separators=(",", ":")).encode(), payload)

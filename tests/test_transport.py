@@ -172,3 +172,20 @@ def test_the_engine_sees_the_decoded_cache_and_counts_its_payload(loaded_models,
 def _sender_lengths(engine) -> list[int]:
     caches = engine.prompt_caches(PROMPTS)
     return caches.alignments[0].sender_mask.sum(1).tolist()
+
+
+def test_noise_is_added_at_its_relative_scale_before_encoding_and_named_in_the_label():
+    kv = cache(seq=64, dim=32)
+    torch.manual_seed(0)
+    back = transport.decode(transport.encode(kv, Encoding("float32", noise=0.5), "m"))
+    for a, b in zip(kv.keys + kv.values, back.keys + back.values):
+        ratio = float((b - a).pow(2).mean().sqrt() / a.pow(2).mean().sqrt())
+        assert 0.45 < ratio < 0.55  # one tensor's RMS scales its noise: deeper (larger) layers get more
+    assert transport.decode(transport.encode(kv, Encoding("float32", noise=0.0), "m")).keys[0].equal(kv.keys[0])
+    enc = Encoding("int4", layers=(1,), noise=0.25)
+    assert enc.label == "int4, 1 layers, noise 0.25" and enc.with_layers((0, 2)).noise == 0.25
+    plain = Encoding("int4", layers=(1,))
+    assert transport.encode(kv, enc, "m").payload_bytes == transport.encode(kv, plain, "m").payload_bytes  # no bytes
+    for bad in (-0.1, float("nan")):
+        with pytest.raises(ValueError, match="noise"):
+            Encoding("float32", noise=bad)
