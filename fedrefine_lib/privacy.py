@@ -9,12 +9,24 @@ shallow layer costs a fraction of a forward pass per candidate. A lossy encoding
 (``transport``'s int8/int4) or added noise moves the transmitted tensors away from every
 candidate's; the nearest one is still taken, and the recovery measures say how often it is right.
 
-Shapes: ``H`` KV heads, ``S`` positions, ``D`` head dim, ``V`` candidates.
+A payload of the last ``n`` positions only (a block fuser's ``sender_positions``) is inverted
+from its first sent position (``start``; the attacker is granted the prompt's length) with no
+prefix: exact at the first layer, whose keys and values depend on the token and its position
+alone, and guesswork deeper in the model.
+
+Attack (b), :class:`InversionDecoder`: a network trained on public, non-evaluation chats to map
+one layer's key and value at a position to that position's token (the ``token`` head) and, at
+the last position, to the set of tokens the whole prompt holds (the ``bag`` head): the attack a
+last-position payload has to face, since attention has mixed every earlier token into it.
+
+Shapes: ``H`` KV heads, ``S`` positions, ``D`` head dim, ``V`` candidates (the vocabulary),
+``F = 2 H D`` features of a position (its keys and values, heads concatenated).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import pandas as pd
 import torch
@@ -65,6 +77,7 @@ def invert_cache(
     layer: int = 0,
     candidates: Sequence[int] | None = None,
     chunk: int = 1024,
+    start: int = 0,
 ) -> list[int]:
     """Recover the token ids of one query's transmitted cache (greedy, left to right).
 
@@ -75,6 +88,8 @@ def invert_cache(
         layer: the sender layer matched against (shallow layers invert best).
         candidates: token ids tried at each position (default: the whole vocabulary).
         chunk: candidates run at once.
+        start: the prompt position of the first sent position (a last-``n`` payload of an
+            ``S0``-token prompt: ``S0 - n``); the positions before it are not in the payload.
     Returns:
         ``S`` recovered token ids.
     """
@@ -95,7 +110,7 @@ def invert_cache(
         best, best_d = -1, float("inf")
         for ids in vocab.split(chunk):
             cache = _replicated(prefix, layer, len(ids))
-            k, v = _layer_kv(model, layer, ids[:, None].to(device), cache, t)  # [V, H, 1, D]
+            k, v = _layer_kv(model, layer, ids[:, None].to(device), cache, start + t)  # [V, H, 1, D]
             d = (k[:, :, 0].float() - target_k[:, t]).pow(2).sum((1, 2)) + (v[:, :, 0].float() - target_v[:, t]).pow(
                 2
             ).sum((1, 2))  # [V]
@@ -104,7 +119,7 @@ def invert_cache(
                 best, best_d = int(ids[i]), float(d[i])
         recovered.append(best)
         prefix = DynamicCache()  # the prefix's own cache, rebuilt with the recovered token appended
-        _layer_kv(model, layer, torch.tensor([recovered], device=device), prefix, 0)
+        _layer_kv(model, layer, torch.tensor([recovered], device=device), prefix, start)
     return recovered
 
 
@@ -124,35 +139,94 @@ def string_recovery(private: Sequence[str], recovered_text: str) -> float:
     return sum(p.lower() in text for p in private) / len(private)
 
 
-def sent_cache(model: torch.nn.Module, tokenizer, messages) -> tuple[list[int], KVCache]:
-    """The token ids a sender renders for ``messages`` as their holder (its private context
-    included: the cache it transmits was built over it) and that cache (every position, float32)."""
-    ids = render(tokenizer, holder_view(messages)).ids
+def sent_cache(
+    model: torch.nn.Module, tokenizer, messages, assistant_prefix: str | None = None
+) -> tuple[list[int], KVCache]:
+    """The ``S0`` token ids a sender renders for ``messages`` as their holder (its private
+    context included: the cache it transmits was built over it; ``assistant_prefix`` as the
+    scoring prompt has it) and that cache (every position, float32, on the CPU)."""
+    ids = render(tokenizer, holder_view(messages), assistant_prefix).ids
     cache = DynamicCache()
     with torch.no_grad():
         model(input_ids=torch.tensor([ids], device=next(model.parameters()).device), cache=cache, use_cache=True)
     return ids, KVCache.from_cache(cache).map(lambda t: t.float().cpu())
 
 
+@dataclass(frozen=True)
+class Transmitted:
+    """One query as it leaves the sender: its prompt ids (what an attack should recover) and
+    the payload as an eavesdropper decodes it, positions ``start..S0-1``."""
+
+    ids: list[int]
+    kv: KVCache
+    start: int
+
+    @property
+    def first_layer(self) -> int:
+        """The shallowest layer the payload holds (the one attacks invert best)."""
+        return self.kv.present.index(True)
+
+
+def transmit(ids: list[int], kv: KVCache, encoding: Encoding, positions: int | None = None) -> Transmitted:
+    """What is on the wire for one query's cache ``kv`` (per layer ``[1, H, S0, D]``): its last
+    ``positions`` positions (None: all), encoded and decoded (noise and quantisation included)."""
+    start = 0 if positions is None else max(0, len(ids) - positions)
+    cut = kv.map(lambda t: t[:, :, start:])
+    cut.seq_len = len(ids) - start
+    return Transmitted(ids, decode(encode(cut, encoding, "attacked")), start)
+
+
+def recovery(
+    sent: Transmitted, recovered: Sequence[int], tokenizer, private: Sequence[str] = (), bag: set[int] | None = None
+) -> dict[str, float | bool | None]:
+    """Measures of one attack on one query: ``token_recovery`` over all ``S0`` prompt positions
+    (``recovered`` holds the tokens of the sent positions; unsent ones count as missed),
+    ``exact_query``, and ``private_recovery``, the share of ``private`` strings found in the
+    recovered text or, given a ``bag`` of recovered token ids, whose every token is in it
+    (tokenized alone and after a space); None when there are no private strings."""
+    full = [-1] * sent.start + list(recovered)
+    found = None
+    if private:
+        if bag is None:
+            found = string_recovery(private, tokenizer.decode(list(recovered)))
+        else:
+            pieces = [[tokenizer(v, add_special_tokens=False)["input_ids"] for v in (p, " " + p)] for p in private]
+            found = sum(any(set(ids) <= bag for ids in forms) for forms in pieces) / len(private)
+    exact = full == sent.ids
+    return {"token_recovery": token_recovery(sent.ids, full), "exact_query": exact, "private_recovery": found}
+
+
+def attack_greedy(model, tokenizer, sent: Transmitted, private: Sequence[str] = (), layer: int | None = None) -> dict:
+    """Attack (a) on one transmitted query at ``layer`` (default: the shallowest sent)."""
+    layer = sent.first_layer if layer is None else layer
+    got = invert_cache(model, sent.kv, layer=layer, start=sent.start)
+    return {"attack": "greedy inversion", "layer": layer, **recovery(sent, got, tokenizer, private)}
+
+
 def attack_table(
     model, tokenizer, queries: Sequence, encodings: Sequence[Encoding], layer: int = 0,
-    private: Sequence[Sequence[str]] | None = None,
+    private: Sequence[Sequence[str]] | None = None, positions: int | None = None,
 ) -> pd.DataFrame:  # fmt: skip
-    """Attack (a) on each query's cache sent in each encoding: one row per encoding with the
-    mean token recovery, the share of queries recovered exactly and (``private``: per query
-    its private strings) the share of private strings found in the recovered text."""
+    """Attack (a) on each query's cache (``positions``: its last ones only) sent in each
+    encoding: one row per encoding with the mean token recovery, the share of queries
+    recovered exactly and (``private``: per query its private strings) the share of private
+    strings found in the recovered text."""
     sent = [sent_cache(model, tokenizer, q) for q in queries]
     rows = []
     for enc in encodings:
-        tokens, exact, found = [], [], []
-        for i, (ids, kv) in enumerate(sent):
-            got = invert_cache(model, decode(encode(kv, enc, "attacked")), layer=layer)
-            tokens.append(token_recovery(ids, got))
-            exact.append(got == ids)
-            if private is not None and private[i]:
-                found.append(string_recovery(private[i], tokenizer.decode(got)))
-        rows.append({
-            "encoding": enc.label, "layer": layer, "queries": len(sent), "token_recovery": sum(tokens) / len(tokens),
-            "exact_query": sum(exact) / len(exact), "private_recovery": sum(found) / len(found) if found else None,
-        })  # fmt: skip
+        got = [
+            attack_greedy(model, tokenizer, transmit(ids, kv, enc, positions), (private or [()] * len(sent))[i], layer)
+            for i, (ids, kv) in enumerate(sent)
+        ]
+        rows.append({"encoding": enc.label, "layer": layer, "queries": len(sent), **mean_recovery(got)})
     return pd.DataFrame(rows)
+
+
+def mean_recovery(rows: Sequence[dict]) -> dict[str, float | None]:
+    """The mean of each measure over queries (``private_recovery`` over those with private strings)."""
+    found = [r["private_recovery"] for r in rows if r["private_recovery"] is not None]
+    return {
+        "token_recovery": sum(r["token_recovery"] for r in rows) / len(rows),
+        "exact_query": sum(bool(r["exact_query"]) for r in rows) / len(rows),
+        "private_recovery": sum(found) / len(found) if found else None,
+    }
