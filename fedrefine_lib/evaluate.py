@@ -191,6 +191,16 @@ def letter_messages(item: dict, context: str | None = None) -> list[dict[str, st
     return messages
 
 
+def scoring_prompt(item: dict, method: str, context: str | None = None) -> tuple[list[dict[str, str]], str | None]:
+    """The prompt :func:`score_mcq` gives the engine (receiver and senders) for ``item`` under
+    ``method``, and the assistant prefix it is rendered with."""
+    if method not in METHODS:
+        raise ValueError(f"Unknown MCQ method {method!r}; use one of {METHODS}.")
+    if method in ("letter", "generate"):
+        return letter_messages(item, context), LETTER_PREFIX
+    return (cloze_messages if method == "cloze" else question_messages)(item, context), None
+
+
 def extract_answer(text: str, labels: Sequence[str], options: Sequence[str]) -> str | None:
     """The label a generated answer names, or None.
 

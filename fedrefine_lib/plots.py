@@ -205,3 +205,21 @@ def policy_sweep(frame: pd.DataFrame, title: str = "", path: str | Path | None =
     ax.set(title=title, xlabel="bandwidth (Mbit/s, log)", ylabel="right within the budget", ylim=(0, 1.05))
     ax.legend(fontsize=8)
     return _finish(fig, path)
+
+
+def privacy_vs_accuracy(
+    table: pd.DataFrame, x: str = "private_recovery", title: str = "", path: str | Path | None = None
+):
+    """Each defence's accuracy (with its interval) against what its strongest attack recovers
+    (``x``), one colour per ``arm``; the defence's name beside its point."""
+    fig, ax = plt.subplots(figsize=(7.0, 4.8))
+    for name, part in table.groupby("arm", sort=False):
+        err = [part["accuracy"] - part["ci_low"], part["ci_high"] - part["accuracy"]]
+        ax.errorbar(part[x], part["accuracy"], yerr=err, fmt="o", ms=5, capsize=2, label=str(name), alpha=0.85)
+        for _, row in part.iterrows():
+            ax.annotate(str(row["defence"]), (row[x], row["accuracy"]), fontsize=6, xytext=(3, 3),
+                        textcoords="offset points")  # fmt: skip
+    ax.set(title=title, xlabel=f"{x.replace('_', ' ')} (strongest attack)", ylabel="accuracy",
+           xlim=(-0.05, 1.05), ylim=(0, 1.05))  # fmt: skip
+    ax.legend(fontsize=7, loc="lower left")
+    return _finish(fig, path)

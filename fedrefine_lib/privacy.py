@@ -25,7 +25,7 @@ Shapes: ``H`` KV heads, ``S`` positions, ``D`` head dim, ``V`` candidates (the v
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import pandas as pd
@@ -176,31 +176,42 @@ def transmit(ids: list[int], kv: KVCache, encoding: Encoding, positions: int | N
     return Transmitted(ids, decode(encode(cut, encoding, "attacked")), start)
 
 
+Strings = Mapping[str, Sequence[str]]
+"""Named sets of one query's sensitive strings, e.g. ``{"private": [user name], "entity": [...]}``:
+each set ``k`` gives a measure ``k_recovery``."""
+
+
 def recovery(
-    sent: Transmitted, recovered: Sequence[int], tokenizer, private: Sequence[str] = (), bag: set[int] | None = None
+    sent: Transmitted, recovered: Sequence[int], tokenizer, strings: Strings | None = None, bag: set[int] | None = None
 ) -> dict[str, float | bool | None]:
     """Measures of one attack on one query: ``token_recovery`` over all ``S0`` prompt positions
     (``recovered`` holds the tokens of the sent positions; unsent ones count as missed),
-    ``exact_query``, and ``private_recovery``, the share of ``private`` strings found in the
-    recovered text or, given a ``bag`` of recovered token ids, whose every token is in it
-    (tokenized alone and after a space); None when there are no private strings."""
+    ``exact_query``, and per named set ``k`` of ``strings`` ``k_recovery``: the share of its
+    strings found in the recovered text or, given a ``bag`` of recovered token ids, whose every
+    token is in it (tokenized alone and after a space); None for an empty set."""
     full = [-1] * sent.start + list(recovered)
-    found = None
-    if private:
-        if bag is None:
-            found = string_recovery(private, tokenizer.decode(list(recovered)))
+    out: dict[str, float | bool | None] = {
+        "token_recovery": token_recovery(sent.ids, full), "exact_query": full == sent.ids,
+    }  # fmt: skip
+    text = tokenizer.decode(list(recovered))
+    for key, found in (strings or {}).items():
+        if not found:
+            out[f"{key}_recovery"] = None
+        elif bag is None:
+            out[f"{key}_recovery"] = string_recovery(found, text)
         else:
-            pieces = [[tokenizer(v, add_special_tokens=False)["input_ids"] for v in (p, " " + p)] for p in private]
-            found = sum(any(set(ids) <= bag for ids in forms) for forms in pieces) / len(private)
-    exact = full == sent.ids
-    return {"token_recovery": token_recovery(sent.ids, full), "exact_query": exact, "private_recovery": found}
+            forms = [[tokenizer(v, add_special_tokens=False)["input_ids"] for v in (p, " " + p)] for p in found]
+            out[f"{key}_recovery"] = sum(any(set(ids) <= bag for ids in f) for f in forms) / len(found)
+    return out
 
 
-def attack_greedy(model, tokenizer, sent: Transmitted, private: Sequence[str] = (), layer: int | None = None) -> dict:
+def attack_greedy(
+    model, tokenizer, sent: Transmitted, strings: Strings | None = None, layer: int | None = None
+) -> dict:
     """Attack (a) on one transmitted query at ``layer`` (default: the shallowest sent)."""
     layer = sent.first_layer if layer is None else layer
     got = invert_cache(model, sent.kv, layer=layer, start=sent.start)
-    return {"attack": "greedy inversion", "layer": layer, **recovery(sent, got, tokenizer, private)}
+    return {"attack": "greedy inversion", "layer": layer, **recovery(sent, got, tokenizer, strings)}
 
 
 def attack_table(
@@ -215,7 +226,13 @@ def attack_table(
     rows = []
     for enc in encodings:
         got = [
-            attack_greedy(model, tokenizer, transmit(ids, kv, enc, positions), (private or [()] * len(sent))[i], layer)
+            attack_greedy(
+                model,
+                tokenizer,
+                transmit(ids, kv, enc, positions),
+                {"private": (private or [()] * len(sent))[i]},
+                layer,
+            )
             for i, (ids, kv) in enumerate(sent)
         ]
         rows.append({"encoding": enc.label, "layer": layer, "queries": len(sent), **mean_recovery(got)})
@@ -223,10 +240,10 @@ def attack_table(
 
 
 def mean_recovery(rows: Sequence[dict]) -> dict[str, float | None]:
-    """The mean of each measure over queries (``private_recovery`` over those with private strings)."""
-    found = [r["private_recovery"] for r in rows if r["private_recovery"] is not None]
-    return {
-        "token_recovery": sum(r["token_recovery"] for r in rows) / len(rows),
-        "exact_query": sum(bool(r["exact_query"]) for r in rows) / len(rows),
-        "private_recovery": sum(found) / len(found) if found else None,
-    }
+    """The mean of each measure over queries (each ``*_recovery`` over the queries where it is defined)."""
+    keys = dict.fromkeys(k for r in rows for k in r if k.endswith("_recovery") or k == "exact_query")
+    out = {}
+    for key in keys:
+        got = [float(r[key]) for r in rows if r.get(key) is not None]
+        out[key] = sum(got) / len(got) if got else None
+    return out

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from fedrefine_lib.kv import KVCache
-from fedrefine_lib.privacy import Transmitted, recovery, sent_cache
+from fedrefine_lib.privacy import Strings, Transmitted, recovery, sent_cache
 
 
 def layer_features(kv: KVCache, layer: int) -> torch.Tensor:
@@ -105,18 +105,20 @@ def train_decoder(
     return decoder.eval()
 
 
-def attack_decoder(decoder: InversionDecoder, tokenizer, sent: Transmitted, private: Sequence[str] = ()) -> list[dict]:
+def attack_decoder(
+    decoder: InversionDecoder, tokenizer, sent: Transmitted, strings: Strings | None = None
+) -> list[dict]:
     """Attack (b) on one transmitted query: a row for the token head (the text it reads at the
     sent positions) and one for the bag head, whose ``token_recovery`` is the share of prompt
     positions whose token is in the bag, ``bag_precision`` the share of the bag in the prompt,
-    and ``private_recovery`` counts the private strings whose tokens are all in the bag."""
+    and each ``k_recovery`` counts the strings of set ``k`` whose tokens are all in the bag."""
     tokens, bag = decoder.read(sent)
-    in_bag = recovery(sent, tokens, tokenizer, private, bag=bag)
+    in_bag = recovery(sent, tokens, tokenizer, strings, bag=bag)
     in_bag |= {
         "token_recovery": sum(t in bag for t in sent.ids) / len(sent.ids), "exact_query": False,
         "bag_size": len(bag), "bag_precision": len(bag & set(sent.ids)) / len(bag) if bag else 0.0,
     }  # fmt: skip
     return [
-        {"attack": "learned decoder: tokens", "layer": decoder.layer, **recovery(sent, tokens, tokenizer, private)},
+        {"attack": "learned decoder: tokens", "layer": decoder.layer, **recovery(sent, tokens, tokenizer, strings)},
         {"attack": "learned decoder: bag", "layer": decoder.layer, **in_bag},
     ]

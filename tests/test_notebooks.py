@@ -54,6 +54,7 @@ EXPECTED = {
         ],
     ),
     "05_transport_qos": ("transport_qos.json", []),
+    "06_privacy": ("privacy.json", []),
 }
 
 
@@ -64,6 +65,7 @@ SMOKE = {
     "03_fedrefine": {"train_steps": 4, "eval_limit": 24},
     "04_case_study": {"train_steps": 4, "eval_limit": 24},
     "05_transport_qos": {"train_steps": 4, "eval_limit": 24, "trace_requests": 40, "real_queries": 4},
+    "06_privacy": {"train_steps": 4, "eval_limit": 24, "attack_queries": 2, "decoder_chats": 16, "decoder_steps": 5},
 }
 
 
@@ -149,6 +151,8 @@ def test_notebook_runs_with_smoke_parameters(path, tmp_path_factory):
         assert {r["sent"] for r in metrics["privacy_vs_accuracy"]} == {"original", "rephrased", "template swap"}
     if path.stem == "05_transport_qos":
         _check_transport_metrics(metrics)
+    if path.stem == "06_privacy":
+        _check_privacy_metrics(metrics)
     if path.stem == "01_c2c":  # the cache probe: one accuracy per layer, sender and receiver
         probes = metrics["cache_probe_last_token"]
         assert len(probes) == 2 and all(0 <= a <= 1 for accs in probes.values() for a in accs)
@@ -183,6 +187,26 @@ def _check_transport_metrics(metrics: dict) -> None:
     for name, checks in metrics["qos"]["checks"].items():
         assert isinstance(checks["never_worse_than_best_fixed"], bool) and checks["cells"] > 0
         assert {r["policy"] for r in metrics["qos"]["sweep"][name]} == {"qos policy", "always KV", "always text"}
+
+
+def _check_privacy_metrics(metrics: dict) -> None:
+    """06: every attack on every defence of both arms, measures that are shares, the undefended
+    payload of every position inverted (greedy, float32), the original query text leaking all."""
+    attacks = metrics["attacks"]
+    assert {r["arm"] for r in attacks} == {"original", "rephrased"}
+    assert {"greedy inversion", "learned decoder: tokens", "learned decoder: bag"} == {r["attack"] for r in attacks}
+    for r in attacks:
+        assert r["queries"] == 2 and 0 <= r["token_recovery"] <= 1 and 0 <= r["exact_query"] <= 1, r
+        assert r["private_recovery"] is None or 0 <= r["private_recovery"] <= 1, r
+    assert {r["positions"] for r in attacks} == {1, "all"}  # the main fuser and its positions ablation
+    assert any(r["defence"].endswith("noise 1") for r in attacks)
+    checks = metrics["checks"]
+    assert checks["greedy_float32_every_position_original_token_recovery"] == 1.0  # exact on a float cache
+    assert checks["original: query text: private_recovery"] == 1.0
+    defences = {(r["arm"], r["defence"]) for r in metrics["accuracy"]}
+    assert ("original", "T2T answer relay") in defences and ("rephrased", "main: int4") in defences
+    assert all(0 <= r["accuracy"] <= 1 for r in metrics["accuracy"])
+    assert set(metrics["rephrasing"]) == {"one rephrasing", "distinct, per sender", "distinct, colluding senders"}
 
 
 def test_notebook_params_reads_the_parameters_cell():

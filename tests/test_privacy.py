@@ -65,10 +65,12 @@ def test_a_last_positions_payload_is_inverted_from_its_first_sent_position(tiny_
     ids, kv = _sent(model, tok)
     sent = privacy.transmit(ids, kv, Encoding("float32"), positions=3)
     assert sent.start == len(ids) - 3 and sent.kv.seq_len == 3 and sent.first_layer == 0
-    row = privacy.attack_greedy(model, tok, sent, ["Ada Varga"])  # layer 0: a token and its position alone
+    row = privacy.attack_greedy(model, tok, sent, {"private": ["Ada Varga"]})  # layer 0: a token and its position alone
     assert row["layer"] == 0 and row["token_recovery"] == pytest.approx(3 / len(ids))
     assert row["exact_query"] is False and row["private_recovery"] == 0.0  # the name is not in the last 3
-    whole = privacy.attack_greedy(model, tok, privacy.transmit(ids, kv, Encoding("float32")), ["Ada Varga"])
+    whole = privacy.attack_greedy(
+        model, tok, privacy.transmit(ids, kv, Encoding("float32")), {"private": ["Ada Varga"]}
+    )
     assert whole["token_recovery"] == 1.0 and whole["exact_query"] and whole["private_recovery"] == 1.0
 
 
@@ -76,13 +78,15 @@ def test_recovery_measures_on_crafted_cases(tiny_models):
     _, tok = tiny_models["llama"]
     ids = tok("Ada Varga keeps it", add_special_tokens=False)["input_ids"]
     sent = privacy.Transmitted(ids, KVCache([torch.zeros(1, 1, 2, 1)], [torch.zeros(1, 1, 2, 1)], 2), len(ids) - 2)
-    row = privacy.recovery(sent, ids[-2:], tok, ["Ada Varga", "zorblat"])
+    strings = {"private": ["Ada Varga", "zorblat"], "entity": ["it"], "none": []}
+    row = privacy.recovery(sent, ids[-2:], tok, strings)
     assert row["token_recovery"] == pytest.approx(2 / len(ids)) and row["private_recovery"] == 0.0
+    assert row["entity_recovery"] == 1.0 and row["none_recovery"] is None
     name = {i for v in ("Ada Varga", " Ada Varga") for i in tok(v, add_special_tokens=False)["input_ids"]}
-    assert privacy.recovery(sent, ids[-2:], tok, ["Ada Varga", "zorblat"], bag=name)["private_recovery"] == 0.5
-    assert privacy.recovery(sent, ids[-2:], tok, [])["private_recovery"] is None
+    assert privacy.recovery(sent, ids[-2:], tok, strings, bag=name)["private_recovery"] == 0.5
     assert privacy.mean_recovery([row, {**row, "private_recovery": None, "exact_query": True}]) == {
         "token_recovery": row["token_recovery"], "exact_query": 0.5, "private_recovery": 0.0,
+        "entity_recovery": 1.0, "none_recovery": None,
     }  # fmt: skip
 
 
@@ -97,7 +101,9 @@ def test_the_learned_decoder_reads_tokens_and_the_bag_of_a_query_it_never_saw(ti
     assert all(c[0]["content"] != QUERY[0]["content"] for c in chats)
     decoder = privacy_decoder.train_decoder(model, tok, chats, layer=0, steps=300, seed=0)
     ids, kv = _sent(model, tok)
-    rows = privacy_decoder.attack_decoder(decoder, tok, privacy.transmit(ids, kv, Encoding("float32")), ["Ada Varga"])
+    rows = privacy_decoder.attack_decoder(
+        decoder, tok, privacy.transmit(ids, kv, Encoding("float32")), {"private": ["Ada Varga"]}
+    )
     tokens, bag = rows
     assert tokens["attack"] == "learned decoder: tokens" and tokens["token_recovery"] >= 0.9
     assert tokens["private_recovery"] == 1.0
