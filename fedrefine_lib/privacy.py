@@ -78,6 +78,7 @@ def invert_cache(
     candidates: Sequence[int] | None = None,
     chunk: int = 1024,
     start: int = 0,
+    shortlist: int | None = None,
 ) -> list[int]:
     """Recover the token ids of one query's transmitted cache (greedy, left to right).
 
@@ -90,6 +91,11 @@ def invert_cache(
         chunk: candidates run at once.
         start: the prompt position of the first sent position (a last-``n`` payload of an
             ``S0``-token prompt: ``S0 - n``); the positions before it are not in the payload.
+        shortlist: at the first layer, when its values do not depend on the position (rotary
+            models: checked, :func:`position_free_values`), try at each position only the
+            ``shortlist`` candidates whose values are nearest (one matrix product instead of a
+            pass over the vocabulary: what makes a 262k vocabulary searchable on a CPU). None:
+            every candidate at every position.
     Returns:
         ``S`` recovered token ids.
     """
@@ -104,11 +110,16 @@ def invert_cache(
         list(candidates) if candidates is not None else range(model.config.get_text_config().vocab_size)
     )
     target_k, target_v = sent.keys[layer][0].float().to(device), sent.values[layer][0].float().to(device)  # [H, S, D]
+    table = position_free_values(model, vocab, chunk) if shortlist and layer == 0 else None  # [V, H*D]
     recovered: list[int] = []
     prefix = DynamicCache()
     for t in range(target_k.shape[1]):
         best, best_d = -1, float("inf")
-        for ids in vocab.split(chunk):
+        tried = vocab
+        if table is not None:
+            near = torch.cdist(target_v[:, t].flatten()[None], table)[0]  # [V]
+            tried = vocab[near.topk(min(shortlist, len(vocab)), largest=False).indices.cpu()]
+        for ids in tried.split(chunk):
             cache = _replicated(prefix, layer, len(ids))
             k, v = _layer_kv(model, layer, ids[:, None].to(device), cache, start + t)  # [V, H, 1, D]
             d = (k[:, :, 0].float() - target_k[:, t]).pow(2).sum((1, 2)) + (v[:, :, 0].float() - target_v[:, t]).pow(
@@ -121,6 +132,21 @@ def invert_cache(
         prefix = DynamicCache()  # the prefix's own cache, rebuilt with the recovered token appended
         _layer_kv(model, layer, torch.tensor([recovered], device=device), prefix, start)
     return recovered
+
+
+@torch.no_grad()
+def position_free_values(model: torch.nn.Module, vocab: torch.Tensor, chunk: int = 1024) -> torch.Tensor | None:
+    """Every candidate's first-layer values ``[V, H*D]`` when they do not depend on the position
+    (checked for a few candidates at a second position: true of rotary models, not of models
+    adding position embeddings), else None."""
+    device = next(model.parameters()).device
+
+    def values(ids: torch.Tensor, position: int) -> torch.Tensor:
+        return _layer_kv(model, 0, ids[:, None].to(device), DynamicCache(), position)[1][:, :, 0].flatten(1).float()
+
+    table = torch.cat([values(ids, 0) for ids in vocab.split(chunk)])
+    probe = vocab[:8]
+    return table if torch.allclose(values(probe, 7), table[: len(probe)], atol=1e-4, rtol=1e-3) else None
 
 
 def token_recovery(true_ids: Sequence[int], recovered: Sequence[int]) -> float:

@@ -71,10 +71,16 @@ def queries(items: Sequence[dict], scoring: str, view: View | None = None) -> li
 
 
 def strings(items: Sequence[dict]) -> list[dict[str, list[str]]]:
-    """Per item its sensitive strings: ``private`` (the item's field) and ``entity`` (what the
-    question is about; mini world items only)."""
-    return [{"private": list(it.get("private") or []), "entity": [it["entity"]] if it.get("entity") else []}
-            for it in items]  # fmt: skip
+    """Per item its sensitive strings: ``private`` (the item's ``private`` field, mini: the
+    user's name; in the private-context task the asked fact, which only the sender's records
+    hold) and ``entity`` (what the question is about)."""
+    out = []
+    for it in items:
+        private = list(it.get("private") or [])
+        if not private and it.get("private_context"):
+            private = [it["choices"]["text"][it["choices"]["label"].index(it["answerKey"])]]
+        out.append({"private": private, "entity": [it["entity"]] if it.get("entity") else []})
+    return out
 
 
 def decoders(sender, layers: Sequence[int], chats: Sequence, steps: int, seed: int) -> dict[int, InversionDecoder]:
@@ -97,9 +103,11 @@ def attack_rows(
     arms: Mapping[str, Sequence[tuple[list, str | None]]],
     targets: Sequence[privacy.Strings],
     attackers: Mapping[int, InversionDecoder],
+    shortlist: int | None = None,
 ) -> pd.DataFrame:
     """Every attack on every defence's payload for every arm's prompts (``queries``): one row
-    per (arm, defence, attack) with the measures averaged over queries (``privacy.mean_recovery``)."""
+    per (arm, defence, attack) with the measures averaged over queries (``privacy.mean_recovery``;
+    ``shortlist``: ``privacy.invert_cache``'s)."""
     model, tok = sender.model, sender.tokenizer
     rows = []
     for arm, prompts in arms.items():
@@ -109,7 +117,7 @@ def attack_rows(
             found: dict[str, list[dict]] = {}
             for (ids, kv), target in zip(caches, targets):
                 sent = privacy.transmit(ids, kv, d.encoding, positions)
-                got = [privacy.attack_greedy(model, tok, sent, target)]
+                got = [privacy.attack_greedy(model, tok, sent, target, shortlist=shortlist)]
                 if sent.first_layer in attackers:
                     got += attack_decoder(attackers[sent.first_layer], tok, sent, target)
                 for r in got:

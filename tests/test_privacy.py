@@ -114,3 +114,14 @@ def test_the_learned_decoder_reads_tokens_and_the_bag_of_a_query_it_never_saw(ti
         decoder.read(privacy.transmit(ids, kv, Encoding("float32", layers=(1,))))
     with pytest.raises(ValueError, match="No chats"):
         privacy_decoder.train_decoder(model, tok, [], layer=0)
+
+
+def test_a_value_shortlist_at_the_first_layer_finds_the_same_tokens(tiny_models):
+    model, tok = tiny_models["qwen3"]
+    ids, kv = _sent(model, tok)
+    vocab = torch.arange(model.config.vocab_size)
+    table = privacy.position_free_values(model, vocab)
+    assert table is not None and table.shape == (len(vocab), kv.values[0].shape[1] * kv.values[0].shape[3])
+    assert privacy.invert_cache(model, kv, layer=0, shortlist=4) == ids
+    deep = kv.num_layers - 1  # no shortcut deeper in the model: the exhaustive search runs
+    assert privacy.invert_cache(model, kv, layer=deep, shortlist=4) == ids
