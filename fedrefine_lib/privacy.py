@@ -232,11 +232,13 @@ def recovery(
 
 
 def attack_greedy(
-    model, tokenizer, sent: Transmitted, strings: Strings | None = None, layer: int | None = None
-) -> dict:
-    """Attack (a) on one transmitted query at ``layer`` (default: the shallowest sent)."""
+    model, tokenizer, sent: Transmitted, strings: Strings | None = None, layer: int | None = None,
+    shortlist: int | None = None,
+) -> dict:  # fmt: skip
+    """Attack (a) on one transmitted query at ``layer`` (default: the shallowest sent;
+    ``shortlist``: :func:`invert_cache`'s)."""
     layer = sent.first_layer if layer is None else layer
-    got = invert_cache(model, sent.kv, layer=layer, start=sent.start)
+    got = invert_cache(model, sent.kv, layer=layer, start=sent.start, shortlist=shortlist)
     return {"attack": "greedy inversion", "layer": layer, **recovery(sent, got, tokenizer, strings)}
 
 
