@@ -268,8 +268,9 @@ def attack_table(
 
 
 def mean_recovery(rows: Sequence[dict]) -> dict[str, float | None]:
-    """The mean of each measure over queries (each ``*_recovery`` over the queries where it is defined)."""
-    keys = dict.fromkeys(k for r in rows for k in r if k.endswith("_recovery") or k == "exact_query")
+    """The mean over queries of each measure (every numeric field but ``layer``; each over the
+    queries where it is defined, None where it never is)."""
+    keys = dict.fromkeys(k for r in rows for k, v in r.items() if k != "layer" and not isinstance(v, str))
     out = {}
     for key in keys:
         got = [float(r[key]) for r in rows if r.get(key) is not None]
