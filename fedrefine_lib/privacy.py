@@ -25,6 +25,7 @@ Shapes: ``H`` KV heads, ``S`` positions, ``D`` head dim, ``V`` candidates (the v
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -110,7 +111,7 @@ def invert_cache(
         list(candidates) if candidates is not None else range(model.config.get_text_config().vocab_size)
     )
     target_k, target_v = sent.keys[layer][0].float().to(device), sent.values[layer][0].float().to(device)  # [H, S, D]
-    table = position_free_values(model, vocab, chunk) if shortlist and layer == 0 else None  # [V, H*D]
+    table = _values_table(model, vocab, chunk) if shortlist and layer == 0 else None  # [V, H*D]
     recovered: list[int] = []
     prefix = DynamicCache()
     for t in range(target_k.shape[1]):
@@ -132,6 +133,18 @@ def invert_cache(
         prefix = DynamicCache()  # the prefix's own cache, rebuilt with the recovered token appended
         _layer_kv(model, layer, torch.tensor([recovered], device=device), prefix, start)
     return recovered
+
+
+_TABLES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _values_table(model: torch.nn.Module, vocab: torch.Tensor, chunk: int) -> torch.Tensor | None:
+    """:func:`position_free_values`, computed once per model and candidate set."""
+    key = hash(tuple(vocab.tolist()))
+    tables = _TABLES.setdefault(model, {})
+    if key not in tables:
+        tables[key] = position_free_values(model, vocab, chunk)
+    return tables[key]
 
 
 @torch.no_grad()

@@ -42,10 +42,12 @@ class Defence:
     encoding: Encoding
 
 
-def defences(fusers: Mapping[str, object], noise: Sequence[float] = (0.1, 0.3, 1.0)) -> list[Defence]:
+def defences(
+    fusers: Mapping[str, object], noise: Sequence[float] = (0.1, 0.3, 1.0), deeper: bool = True
+) -> list[Defence]:
     """Per fuser: float32 with the layers it reads (no defence), bfloat16 (what 01 sends), int4,
-    the deeper half of its layers (when it reads more than one), and float32 with each ``noise``
-    level (a relative standard deviation, ``transport.Encoding.noise``)."""
+    the deeper half of its layers (``deeper``, when it reads more than one), and float32 with
+    each ``noise`` level (a relative standard deviation, ``transport.Encoding.noise``)."""
     out = []
     for label, fuser in fusers.items():
         read = transport.read_layers(fuser)
@@ -54,7 +56,7 @@ def defences(fusers: Mapping[str, object], noise: Sequence[float] = (0.1, 0.3, 1
             Defence(f"{label}: bfloat16", label, Encoding("bfloat16", layers=read)),
             Defence(f"{label}: int4", label, Encoding("int4", layers=read)),
         ]
-        if len(read) > 1:
+        if deeper and len(read) > 1:
             deep = read[len(read) // 2 :]
             out.append(Defence(f"{label}: deeper {len(deep)} layers", label, Encoding("float32", layers=deep)))
         out += [Defence(f"{label}: noise {s:g}", label, Encoding("float32", layers=read, noise=s)) for s in noise]

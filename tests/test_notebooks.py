@@ -193,7 +193,7 @@ def _check_privacy_metrics(metrics: dict) -> None:
     """06: every attack on every defence of both arms, measures that are shares, the undefended
     payload of every position inverted (greedy, float32), the original query text leaking all."""
     attacks = metrics["attacks"]
-    assert {r["arm"] for r in attacks} == {"original", "rephrased"}
+    assert {r["arm"] for r in attacks} == {"original", "rephrased", "prefix dropped"}
     assert {"greedy inversion", "learned decoder: tokens", "learned decoder: bag"} == {r["attack"] for r in attacks}
     for r in attacks:
         assert r["queries"] == 2 and 0 <= r["token_recovery"] <= 1 and 0 <= r["exact_query"] <= 1, r
@@ -206,7 +206,11 @@ def _check_privacy_metrics(metrics: dict) -> None:
     defences = {(r["arm"], r["defence"]) for r in metrics["accuracy"]}
     assert ("original", "T2T answer relay") in defences and ("rephrased", "main: int4") in defences
     assert all(0 <= r["accuracy"] <= 1 for r in metrics["accuracy"])
-    assert set(metrics["rephrasing"]) == {"one rephrasing", "distinct, per sender", "distinct, colluding senders"}
+    assert set(metrics["rephrasing"]) == {"one rephrasing", "distinct, per sender", "distinct, colluding senders",
+                                          "same_question"}  # fmt: skip
+    assert metrics["rephrasing"]["same_question"]["prefix dropped"] == 1.0  # the bound keeps every question
+    dropped = [r for r in metrics["texts"] if r["arm"] == "prefix dropped" and r["link"] == "receiver -> sender"]
+    assert dropped[0]["private_recovery"] == 0.0 and dropped[0]["entity_recovery"] == 1.0
 
 
 def test_notebook_params_reads_the_parameters_cell():
