@@ -65,7 +65,14 @@ SMOKE = {
     "03_fedrefine": {"train_steps": 4, "eval_limit": 24},
     "04_case_study": {"train_steps": 4, "eval_limit": 24},
     "05_transport_qos": {"train_steps": 4, "eval_limit": 24, "trace_requests": 40, "real_queries": 4},
-    "06_privacy": {"train_steps": 4, "eval_limit": 24, "attack_queries": 2, "decoder_chats": 16, "decoder_steps": 5},
+    "06_privacy": {
+        "train_steps": 4,
+        "eval_limit": 24,
+        "attack_queries": 2,
+        "decoder_chats": 16,
+        "decoder_steps": 5,
+        "noise_levels": [1.0],
+    },
 }
 
 
