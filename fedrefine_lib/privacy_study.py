@@ -110,6 +110,9 @@ def attack_rows(
     """Every attack on every defence's payload for every arm's prompts (``queries``): one row
     per (arm, defence, attack) with the measures averaged over queries (``privacy.mean_recovery``;
     ``shortlist``: ``privacy.invert_cache``'s)."""
+    if not targets or any(len(prompts) != len(targets) for prompts in arms.values()):
+        raise ValueError(f"Give one prompt per attacked query in every arm and at least one query "
+                         f"({len(targets)} targets; raise attack_queries if it is 0).")  # fmt: skip
     model, tok = sender.model, sender.tokenizer
     rows = []
     for arm, prompts in arms.items():
